@@ -1,0 +1,1 @@
+"""Detectors, backbones and the output contract shared with distillation methods."""
