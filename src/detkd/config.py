@@ -42,6 +42,7 @@ class ModelConfig:
     backbone_weights: str = "none"  # none | imagenet | path to a state-dict file
     min_size: int = 128  # images are resized so the short side is min_size ...
     max_size: int = 128  # ... and the long side at most max_size
+    fpn_channels: int | None = None  # override the preset's FPN / transformer width
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
     max_nonfinite: int = 20  # abort after this many consecutive non-finite losses
     progress: bool = True
+    tensorboard: bool = True
 
 
 @dataclass
@@ -216,7 +218,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None
+) -> Config:
     """Defaults (or ``base``), then the YAML file, then the dotted overrides."""
     data = to_dict(base or Config())
     if path is not None:

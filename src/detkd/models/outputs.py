@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 
 
 @dataclass(frozen=True)
@@ -44,3 +45,52 @@ class DetOutputs:
     losses: dict[str, Tensor] = field(default_factory=dict)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     batch_shape: tuple[int, int] = (0, 0)
+
+
+class Detector(nn.Module):
+    """The API every detkd detector offers, beyond ``nn.Module``.
+
+    Inputs are preprocessed once by :meth:`preprocess` (normalise, resize, pad into one batch tensor) so that
+    a teacher and a student can be fed exactly the same tensor.
+
+    Attributes:
+        kind: ``"two_stage"``, ``"one_stage"`` or ``"detr"``.
+        num_classes: number of foreground classes ``C``; labels are ``1..C``.
+        feature_info: the levels :meth:`extract` returns.
+        spec: JSON-able build arguments; ``build_detector(**spec)`` rebuilds the same architecture.
+    """
+
+    kind: str = ""
+    num_classes: int
+    feature_info: list[FeatureSpec]
+    spec: dict[str, Any]
+
+    def preprocess(
+        self, images: list[Tensor], targets: list[dict] | None = None
+    ) -> tuple[ImageList, list[dict] | None]:
+        raise NotImplementedError
+
+    def extract(self, images: ImageList) -> dict[str, Tensor]:
+        """Feature maps by level name."""
+        raise NotImplementedError
+
+    def head_losses(
+        self, features: dict[str, Tensor], images: ImageList, targets: list[dict] | None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Run the head(s) on ``features``: task losses (empty without targets) and raw head outputs."""
+        raise NotImplementedError
+
+    def forward(self, images: ImageList, targets: list[dict] | None = None) -> DetOutputs:
+        features = self.extract(images)
+        losses, head = self.head_losses(features, images, targets)
+        return DetOutputs(features, head, losses, list(images.image_sizes), tuple(images.tensors.shape[-2:]))
+
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections (``boxes`` xyxy in each input image's own pixels, ``scores``, ``labels``), eval mode."""
+        raise NotImplementedError
+
+    def roi_forward(
+        self, features: dict[str, Tensor], rois: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """Two-stage only: box-head ``(logits [R, C+1], deltas [R, (C+1)*4])`` on the given RoIs."""
+        raise NotImplementedError(f"{type(self).__name__} has no RoI head")

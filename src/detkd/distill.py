@@ -1,0 +1,170 @@
+"""DistillModel: student + frozen teacher + distillers, with all loss weighting in one place.
+
+Plain training is the same object with no teacher and no distillers, so ``detkd train`` and
+``detkd distill`` share one loop, one checkpoint format and one evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+from detkd.errors import BuildError, ConfigError
+from detkd.methods.base import METHODS, Distiller
+from detkd.models.outputs import Detector, DetOutputs
+
+
+class StudentWithDistillers(nn.Module):
+    """The trainable part (student + distillers' own modules): the only module wrapped in DDP.
+
+    Its forward runs everything that produces gradients, so DDP sees every used parameter.
+    """
+
+    def __init__(self, student: Detector, distillers: dict[str, Distiller]):
+        super().__init__()
+        self.student = student
+        self.distillers = nn.ModuleDict(distillers)
+
+    def forward(
+        self, images: ImageList, targets: list[dict[str, Tensor]], teacher: DetOutputs | None, step: int
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
+        s_out = self.student(images, targets)
+        terms: dict[str, Tensor] = {}
+        stats: dict[str, float] = {}
+        for name, distiller in self.distillers.items():
+            distiller.stats = {}
+            for key, value in distiller(s_out, teacher, targets, step).items():
+                terms[f"{name}.{key}"] = value
+            stats.update({f"{name}.{k}": float(v) for k, v in distiller.stats.items()})
+        return s_out.losses, terms, stats
+
+
+class DistillModel(nn.Module):
+    """Student, optional frozen teacher and distillers.
+
+    The teacher runs in eval mode (its BatchNorm statistics never move, even when this module is in train mode)
+    under ``no_grad``, never runs its final NMS, and sees exactly the student's preprocessed batch tensor.
+
+    Args:
+        student: the detector being trained.
+        teacher: a trained detector, or None.
+        distillers: method name -> distiller.
+        weights: method name -> overall weight (default 1).
+        total_iters: length of training (for decay schedules).
+        iters_per_epoch: iterations per pass over the data (for epoch-based schedules).
+    """
+
+    def __init__(
+        self,
+        student: Detector,
+        teacher: Detector | None = None,
+        distillers: dict[str, Distiller] | None = None,
+        weights: dict[str, float] | None = None,
+        total_iters: int = 1,
+        iters_per_epoch: int = 1,
+    ):
+        super().__init__()
+        distillers = distillers or {}
+        self.trainable_module = StudentWithDistillers(student, distillers)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in distillers}
+        self.total_iters = total_iters
+        self.iters_per_epoch = iters_per_epoch
+        self._teacher_head = any(d.teacher_head for d in distillers.values())  # instance value: may depend on kind
+        # The module whose forward is called for the trainable part; the trainer may swap in a DDP wrapper.
+        self.trainable_forward: nn.Module = self.trainable_module
+
+    @property
+    def student(self) -> Detector:
+        return self.trainable_module.student
+
+    @property
+    def distillers(self) -> dict[str, Distiller]:
+        return dict(self.trainable_module.distillers.items())
+
+    def train(self, mode: bool = True) -> DistillModel:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def run_teacher(self, images: ImageList) -> DetOutputs | None:
+        if self.teacher is None:
+            return None
+        if self._teacher_head:
+            return self.teacher(images, None)
+        return DetOutputs(
+            self.teacher.extract(images),
+            image_sizes=list(images.image_sizes),
+            batch_shape=tuple(images.tensors.shape[-2:]),
+        )
+
+    def schedule_factors(self, step: int) -> dict[str, float]:
+        return {
+            name: d.cfg.schedule.factor(step, self.total_iters, self.iters_per_epoch)
+            for name, d in self.trainable_module.distillers.items()
+        }
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]], step: int = 0
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Weighted losses (task ``loss_*`` and ``<method>.kd_*``) and float stats for logging."""
+        batch, targets = self.student.preprocess(images, targets)
+        t_out = self.run_teacher(batch)
+        task, terms, stats = self.trainable_forward(batch, targets, t_out, step)
+        losses = dict(task)
+        factors = self.schedule_factors(step)
+        distillers = self.trainable_module.distillers
+        for key, value in terms.items():
+            method, term = key.split(".", 1)
+            cfg = distillers[method].cfg
+            weight = self.weights[method] * cfg.term_weights.get(term, 1.0)
+            if term not in cfg.schedule.exempt:
+                weight *= factors[method]
+            stats[f"raw.{key}"] = float(value.detach())
+            losses[key] = value * weight
+        for method, factor in factors.items():
+            stats[f"{method}.schedule"] = factor
+        return losses, stats
+
+
+def build_distillers(
+    methods: list[str],
+    options: dict[str, dict[str, Any]],
+    student: Detector,
+    teacher: Detector | None,
+) -> dict[str, Distiller]:
+    """Build each named method from its options; checks the teacher and detector kinds the method needs."""
+    from detkd.config import from_dict
+
+    unknown = sorted(set(options) - set(methods))
+    if unknown:
+        raise ConfigError(
+            f"distill.options has settings for {', '.join(unknown)}, which is not among --method "
+            f"{'+'.join(methods) or '(none)'}"
+        )
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"method listed twice in {'+'.join(methods)}")
+    distillers: dict[str, Distiller] = {}
+    for name in methods:
+        cls = METHODS.get(name)
+        if cls.needs_teacher and teacher is None:
+            raise BuildError(f"method {name!r} needs a teacher (--teacher CKPT)")
+        if student.kind not in cls.kinds:
+            raise BuildError(
+                f"method {name!r} supports {', '.join(cls.kinds)} students; {student.spec['name']} is {student.kind}"
+            )
+        if teacher is not None and cls.needs_teacher and teacher.kind not in cls.kinds:
+            raise BuildError(
+                f"method {name!r} supports {', '.join(cls.kinds)} teachers; {teacher.spec['name']} is {teacher.kind}"
+            )
+        cfg = from_dict(cls.Config, options.get(name, {}), where=f"distill.options.{name}")
+        distillers[name] = cls(cfg, student, teacher)
+    return distillers

@@ -1,0 +1,135 @@
+"""Checkpoints: plain state dicts + JSON-able metadata, written atomically, read with ``weights_only=True``.
+
+Two kinds:
+
+- a **student** checkpoint (``best.pt``, ``student.pt``): the deployable detector alone, with the spec that
+  rebuilds it and its class names. This is what ``detkd eval``/``export`` and ``--teacher`` take.
+- a **training** checkpoint (``last.pt``): student + distillers' own modules, optimiser, iteration, RNG state and
+  best score, for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detkd.errors import CheckpointError
+from detkd.models.outputs import Detector
+
+STUDENT_FORMAT = "detkd.student"
+TRAIN_FORMAT = "detkd.train"
+VERSION = 1
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the previous file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; every failure is a one-line :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused: the file contains pickled Python objects, not only tensors and plain containers "
+                "(loading such a file can run arbitrary code; detkd loads checkpoints with weights_only=True)"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first})") from None
+    if not isinstance(obj, dict) or obj.get("format") not in (STUDENT_FORMAT, TRAIN_FORMAT):
+        raise CheckpointError(
+            f"{path}: not a detkd checkpoint (no 'format' field of a detkd student or training checkpoint)"
+        )
+    return obj
+
+
+def student_payload(detector: Detector, classes: list[str], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "format": STUDENT_FORMAT,
+        "version": VERSION,
+        "spec": dict(detector.spec),
+        "classes": list(classes),
+        "meta": dict(meta or {}),
+        "model": detector.state_dict(),
+    }
+
+
+def save_student(path: str | Path, detector: Detector, classes: list[str], meta: dict[str, Any] | None = None) -> None:
+    save_atomic(student_payload(detector, classes, meta), path)
+
+
+def student_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The student's state dict from either kind of checkpoint."""
+    if ckpt["format"] == STUDENT_FORMAT:
+        return ckpt["model"]
+    prefix = "student."
+    return {k[len(prefix) :]: v for k, v in ckpt["trainable"].items() if k.startswith(prefix)}
+
+
+def load_state_checked(module: torch.nn.Module, state: dict[str, Any], source: str | Path) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the first offending key."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        if wrong:
+            k = wrong[0]
+            detail = f"shape of {k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+        elif missing:
+            detail = f"{len(missing)} parameter(s) missing from the checkpoint, first {missing[0]}"
+        else:
+            detail = f"{len(unexpected)} unexpected parameter(s) in the checkpoint, first {unexpected[0]}"
+        raise CheckpointError(f"{source}: checkpoint does not match the model ({detail})")
+    module.load_state_dict(state)
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[Detector, dict[str, Any]]:
+    """Rebuild the detector a checkpoint was saved from and load its weights; returns (detector, checkpoint)."""
+    from detkd.models import build_detector
+
+    ckpt = read_checkpoint(path)
+    spec = ckpt.get("spec")
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise CheckpointError(f"{path}: checkpoint has no detector spec")
+    try:
+        detector = build_detector(**spec)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: detector spec does not fit this detkd version ({exc})") from None
+    load_state_checked(detector, student_state(ckpt), path)
+    return detector.to(device), ckpt

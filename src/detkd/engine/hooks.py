@@ -1,0 +1,289 @@
+"""Hooks assembled by the run: LR schedule, checkpoints, evaluation, logging, method callbacks, sanity checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detkd.config import OptimConfig
+from detkd.engine.checkpoint import TRAIN_FORMAT, VERSION, save_atomic, save_student
+from detkd.engine.evaluate import json_safe
+from detkd.engine.trainer import Hook, Trainer
+
+log = logging.getLogger("detkd")
+
+
+def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then step / cosine / constant."""
+    if cfg.schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+    elif cfg.schedule == "step":
+        factor = cfg.gamma ** sum(step >= s * total for s in cfg.steps)
+    else:
+        factor = 1.0
+    if step < cfg.warmup_iters:
+        alpha = step / cfg.warmup_iters
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+class LRSchedule(Hook):
+    """Sets every param group's LR from its ``initial_lr`` before each step; stateless, so resume is exact."""
+
+    def __init__(self, cfg: OptimConfig):
+        self.cfg = cfg
+
+    def before_train(self, trainer: Trainer) -> None:
+        for group in trainer.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    def before_step(self, trainer: Trainer) -> None:
+        factor = lr_factor(self.cfg, trainer.iter, trainer.max_iters)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+
+def training_state(trainer: Trainer, extra: dict[str, Any]) -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and trainer.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
+    return {
+        "format": TRAIN_FORMAT,
+        "version": VERSION,
+        "iter": trainer.iter,
+        "trainable": trainer.model.trainable_module.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "rng": rng,
+        "best": dict(trainer.best),
+        "nonfinite_total": trainer.nonfinite_total,
+        **extra,
+    }
+
+
+class Checkpointer(Hook):
+    """Writes ``last.pt`` every ``every`` steps and at the end (atomically), and ``student.pt`` at the end.
+
+    Args:
+        out: run folder.
+        every: steps between checkpoints (0 = only at the end).
+        extra: JSON-able fields stored in every checkpoint (config, spec, classes).
+        classes: class names, stored with the student.
+        enabled: False on non-zero ranks.
+    """
+
+    def __init__(self, out: Path, every: int, extra: dict[str, Any], classes: list[str], enabled: bool = True):
+        self.out, self.every, self.extra, self.classes, self.enabled = out, every, extra, classes, enabled
+
+    def save(self, trainer: Trainer) -> None:
+        if self.enabled:
+            save_atomic(training_state(trainer, self.extra), self.out / "last.pt")
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.every and trainer.iter % self.every == 0 and trainer.iter < trainer.max_iters:
+            self.save(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.save(trainer)
+        if self.enabled:
+            save_student(
+                self.out / "student.pt",
+                trainer.model.student,
+                self.classes,
+                {"iter": trainer.iter, "config": self.extra.get("config")},
+            )
+
+
+class Evaluator(Hook):
+    """Evaluates the student every ``every`` steps and at the end; keeps ``best.pt`` (student only) by ``key``.
+
+    Args:
+        evaluate: student -> metrics dict.
+        out: run folder.
+        every: steps between evaluations (0 = only at the end).
+        classes: class names, stored with the student.
+        key: the metric that decides "best".
+        enabled: False on non-zero ranks.
+    """
+
+    def __init__(
+        self,
+        evaluate: Callable[[Any], dict[str, Any]],
+        out: Path,
+        every: int,
+        classes: list[str],
+        key: str = "AP",
+        enabled: bool = True,
+    ):
+        self.evaluate, self.out, self.every, self.classes, self.key = evaluate, out, every, classes, key
+        self.enabled = enabled
+        self.last: dict[str, Any] = {}
+
+    def run(self, trainer: Trainer) -> None:
+        if not self.enabled:
+            return
+        start = time.perf_counter()
+        metrics = self.evaluate(trainer.model.student)
+        metrics = {"iter": trainer.iter, **metrics, "eval_time_s": round(time.perf_counter() - start, 3)}
+        self.last = metrics
+        with open(self.out / "eval.jsonl", "a") as f:
+            f.write(json.dumps(json_safe(metrics)) + "\n")
+        score = metrics.get(self.key)
+        if score is not None and (trainer.best["score"] is None or score > trainer.best["score"]):
+            trainer.best = {"score": score, "iter": trainer.iter}
+            save_student(
+                self.out / "best.pt",
+                trainer.model.student,
+                self.classes,
+                {"iter": trainer.iter, "metrics": {k: v for k, v in metrics.items() if k != "per_class"}},
+            )
+        log.info(
+            "eval at step %d: %s",
+            trainer.iter,
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k.startswith("AP")),
+        )
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.every and trainer.iter % self.every == 0 and trainer.iter < trainer.max_iters:
+            self.run(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.run(trainer)
+
+
+class MethodEpochs(Hook):
+    """Calls each distiller's ``on_epoch_start(epoch, context)`` at the start of every epoch."""
+
+    def __init__(self, iters_per_epoch: int, context: Any):
+        self.iters_per_epoch, self.context = max(1, iters_per_epoch), context
+
+    def before_step(self, trainer: Trainer) -> None:
+        if trainer.iter % self.iters_per_epoch == 0 or trainer.iter == trainer.start_iter:
+            epoch = trainer.iter // self.iters_per_epoch
+            if trainer.state.get("epoch_started") == epoch:
+                return
+            trainer.state["epoch_started"] = epoch
+            for distiller in trainer.model.distillers.values():
+                distiller.on_epoch_start(epoch, self.context)
+
+
+class KDActivityCheck(Hook):
+    """Warns when every distillation term was exactly zero over the first ``window`` steps (KD silently off)."""
+
+    def __init__(self, window: int = 10):
+        self.window = window
+        self.seen: dict[str, float] = defaultdict(float)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.iter - trainer.start_iter > self.window:
+            return
+        for key, value in trainer.record.items():
+            if key.startswith("raw."):
+                self.seen[key] += abs(value)
+        if trainer.iter - trainer.start_iter == self.window and self.seen:
+            dead = [k[4:] for k, v in self.seen.items() if v == 0.0]
+            if dead:
+                log.warning(
+                    "distillation term(s) %s were exactly 0 for the first %d steps: check the method's "
+                    "masks/selection (see its stats in log.jsonl)",
+                    ", ".join(dead),
+                    self.window,
+                )
+            trainer.state["kd_active"] = {k[4:]: v > 0 for k, v in self.seen.items()}
+
+
+class Logger(Hook):
+    """Averages the step records over ``every`` steps into ``log.jsonl`` (+ TensorBoard); shows progress.
+
+    Args:
+        out: run folder.
+        every: steps per log line.
+        progress: show a progress bar (rich) on a terminal, or a line per log step otherwise.
+        tensorboard: also write TensorBoard scalars under ``out/tb``.
+        enabled: False on non-zero ranks.
+    """
+
+    def __init__(self, out: Path, every: int, progress: bool = True, tensorboard: bool = True, enabled: bool = True):
+        self.out, self.every, self.enabled = out, max(1, every), enabled
+        self.show = progress and enabled
+        self.tensorboard = tensorboard and enabled
+        self.window: dict[str, list[float]] = defaultdict(list)
+        self.step_times: list[float] = []
+        self.writer = None
+        self.progress = None
+        self.task = None
+        self.start = 0.0
+
+    def before_train(self, trainer: Trainer) -> None:
+        if not self.enabled:
+            return
+        self.start = time.perf_counter()
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+        if self.show and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=trainer.max_iters, completed=trainer.iter, info="")
+
+    def after_step(self, trainer: Trainer) -> None:
+        if not self.enabled:
+            return
+        if trainer.record.get("skipped"):
+            self.window["skipped"].append(1.0)
+        else:
+            self.step_times.append(trainer.step_time)
+            for key, value in trainer.record.items():
+                self.window[key].append(value)
+        if trainer.iter % self.every == 0 or trainer.iter == trainer.max_iters:
+            row = {"iter": trainer.iter, **{k: sum(v) / len(v) for k, v in self.window.items() if v}}
+            if "skipped" in self.window:
+                row["skipped"] = float(len(self.window["skipped"]))
+            row["step_time"] = sum(self.step_times[-self.every :]) / max(1, len(self.step_times[-self.every :]))
+            row["elapsed_s"] = round(time.perf_counter() - self.start, 2)
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(json_safe(row)) + "\n")
+            if self.writer is not None:
+                for key, value in row.items():
+                    if key != "iter":
+                        self.writer.add_scalar(key.replace(".", "/"), value, trainer.iter)
+            info = f"loss {row.get('loss', float('nan')):.3f}  lr {row.get('lr', 0):.2e}  {row['step_time']:.2f}s/it"
+            if self.progress is not None:
+                self.progress.update(self.task, completed=trainer.iter, info=info)
+            elif self.show:
+                print(f"step {trainer.iter}/{trainer.max_iters}  {info}", file=sys.stderr, flush=True)
+            self.window.clear()
+        elif self.progress is not None:
+            self.progress.update(self.task, completed=trainer.iter)
+
+    def steady_step_time(self, skip: int = 5) -> float | None:
+        """Mean step time without the first ``skip`` steps (warm-up, allocation)."""
+        times = self.step_times[skip:] if len(self.step_times) > skip else self.step_times
+        return sum(times) / len(times) if times else None
+
+    def close(self, trainer: Trainer) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

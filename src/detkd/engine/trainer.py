@@ -1,0 +1,181 @@
+"""The training loop: one step at a time; schedules, checkpoints, evaluation and logs are hooks."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from detkd.distill import DistillModel
+from detkd.errors import DetkdError
+
+
+class TrainingDiverged(DetkdError):
+    """Too many consecutive non-finite losses."""
+
+
+class Hook:
+    """Something done around steps. The trainer is passed in; hooks read and write its public state."""
+
+    def before_train(self, trainer: Trainer) -> None: ...
+    def before_step(self, trainer: Trainer) -> None: ...
+    def after_step(self, trainer: Trainer) -> None: ...
+    def after_train(self, trainer: Trainer) -> None: ...
+    def close(self, trainer: Trainer) -> None: ...
+
+
+def move_to(images: list[Tensor], targets: list[dict], device: torch.device) -> tuple[list[Tensor], list[dict]]:
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [
+        {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets
+    ]
+    return images, targets
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp``: ``auto`` = bf16 on CUDA, none on CPU."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode in ("auto", "bf16"):
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    raise DetkdError(f"train.amp must be auto, off, bf16 or fp16, got {mode!r}")
+
+
+class Trainer:
+    """Runs ``max_iters`` optimisation steps of a :class:`DistillModel`.
+
+    Public state hooks use: ``iter`` (steps completed), ``max_iters``, ``record`` (last step's losses and stats),
+    ``step_time``, ``nonfinite_total``, ``best`` (best eval score and its step), ``state`` (free dict).
+
+    Args:
+        model: the model (student, teacher, distillers).
+        optimizer: optimiser over ``model.trainable_module``'s parameters.
+        data: an iterator of ``(images, targets)`` batches.
+        max_iters: total steps.
+        hooks: run in list order.
+        device: where to compute.
+        amp: ``auto``/``off``/``bf16``/``fp16``.
+        clip_grad_norm: max gradient L2 norm, or None.
+        clip_grad_value: max absolute gradient element, or None.
+        max_nonfinite: abort after this many consecutive non-finite losses.
+        start_iter: steps already done (resume).
+    """
+
+    def __init__(
+        self,
+        model: DistillModel,
+        optimizer: torch.optim.Optimizer,
+        data: Iterator,
+        max_iters: int,
+        hooks: list[Hook],
+        device: torch.device,
+        amp: str = "auto",
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        max_nonfinite: int = 20,
+        start_iter: int = 0,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.data = data
+        self.max_iters = max_iters
+        self.hooks = hooks
+        self.device = device
+        self.dtype = amp_dtype(amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.max_nonfinite = max_nonfinite
+        self.iter = start_iter
+        self.start_iter = start_iter
+        self.record: dict[str, Any] = {}
+        self.step_time = 0.0
+        self.nonfinite = 0
+        self.nonfinite_total = 0
+        self.best: dict[str, Any] = {"score": None, "iter": None}
+        self.state: dict[str, Any] = {}
+        self.params = [p for p in model.trainable_module.parameters() if p.requires_grad]
+
+    def run(self) -> None:
+        try:
+            for hook in self.hooks:
+                hook.before_train(self)
+            while self.iter < self.max_iters:
+                for hook in self.hooks:
+                    hook.before_step(self)
+                self.run_step()
+                self.iter += 1
+                for hook in self.hooks:
+                    hook.after_step(self)
+            for hook in self.hooks:
+                hook.after_train(self)
+        finally:
+            for hook in self.hooks:
+                hook.close(self)
+
+    def _all_finite(self, value: Tensor) -> bool:
+        finite = torch.isfinite(value).all()
+        if dist.is_available() and dist.is_initialized():
+            # Every rank must take the same branch, or the DDP all-reduce in backward would hang.
+            flag = finite.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.bool()
+        return bool(finite)
+
+    def run_step(self) -> None:
+        start = time.perf_counter()
+        self.model.train()
+        images, targets = next(self.data)
+        images, targets = move_to(images, targets, self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+        with autocast:
+            losses, stats = self.model(images, targets, self.iter)
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self._all_finite(total):
+            self._skip(losses, stats, "loss")
+            return
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_value is not None:
+            torch.nn.utils.clip_grad_value_(self.params, self.clip_grad_value)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm or math.inf)
+        if self.dtype != torch.float16 and not self._all_finite(norm):
+            # fp16 overflow is the scaler's business; elsewhere a non-finite gradient skips the step.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip(losses, stats, "gradient")
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.nonfinite = 0
+        self.step_time = time.perf_counter() - start
+        self.record = {
+            "loss": float(total.detach()),
+            **{k: float(v.detach()) for k, v in losses.items()},
+            **stats,
+            "grad_norm": float(norm.detach()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def _skip(self, losses: dict[str, Tensor], stats: dict[str, float], what: str) -> None:
+        self.nonfinite += 1
+        self.nonfinite_total += 1
+        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+        self.record = {"skipped": 1.0, "lr": self.optimizer.param_groups[0]["lr"]}
+        self.state["last_nonfinite"] = f"non-finite {what} at step {self.iter}" + (
+            f" ({', '.join(bad)})" if bad else ""
+        )
+        if self.nonfinite >= self.max_nonfinite:
+            raise TrainingDiverged(
+                f"{self.nonfinite} consecutive non-finite losses (last: {self.state['last_nonfinite']}); stopped. "
+                "The last good checkpoint is kept; try a lower optim.lr, longer optim.warmup_iters or "
+                "optim.clip_grad_norm"
+            )
