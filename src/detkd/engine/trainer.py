@@ -145,6 +145,8 @@ class Trainer:
             return
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
+        for distiller in self.model.distillers.values():
+            distiller.before_optimizer_step(self.iter)
         if self.clip_grad_value is not None:
             torch.nn.utils.clip_grad_value_(self.params, self.clip_grad_value)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm or math.inf)

@@ -111,6 +111,18 @@ class Distiller(nn.Module):
     def on_epoch_start(self, epoch: int, context: Any) -> None:
         """Called before each epoch (and before training) with the training context; e.g. GKD's prototypes."""
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Called after backward and before the optimiser step; e.g. LGD drops the student backbone's
+        gradients (``p.grad = None``, so neither momentum nor weight decay moves it) while it is frozen."""
+
+    def visualize(
+        self, image: Tensor, student: DetOutputs, teacher: DetOutputs | None, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Any]:
+        """Diagnostic pictures for the first image of a batch, ``name -> HxWx3 uint8 array`` (see ``detkd.viz``):
+        masks, selected proposals, prototypes... ``image`` is that image as the networks saw it (``[3, H, W]``,
+        values in [0, 1], before normalisation); the outputs are those of a training forward on the batch."""
+        return {}
+
 
 METHODS: Registry[type[Distiller]] = Registry("method")
 
