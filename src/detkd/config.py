@@ -43,6 +43,7 @@ class ModelConfig:
     min_size: int = 128  # images are resized so the short side is min_size ...
     max_size: int = 128  # ... and the long side at most max_size
     fpn_channels: int | None = None  # override the preset's FPN / transformer width
+    binary_neck: bool = False  # 1-bit FPN and RPN convs (with a binary backbone such as bireal18)
 
 
 @dataclass

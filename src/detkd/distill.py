@@ -104,6 +104,7 @@ class DistillModel(nn.Module):
             self.teacher.extract(images),
             image_sizes=list(images.image_sizes),
             batch_shape=tuple(images.tensors.shape[-2:]),
+            images=images,
         )
 
     def schedule_factors(self, step: int) -> dict[str, float]:

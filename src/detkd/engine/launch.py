@@ -155,6 +155,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         min_size=cfg.model.min_size,
         max_size=cfg.model.max_size,
         fpn_channels=cfg.model.fpn_channels,
+        binary_neck=cfg.model.binary_neck,
     )
     teacher = None
     teacher_metrics = None

@@ -61,7 +61,12 @@ def _fpn_family(levels: tuple[str, ...], build: Callable[..., Detector], anchor_
             load_backbone_weights(body, backbone_weights)
             freeze_stages(body, trainable=3)
         fpn = FPNBackbone(body, levels, preset["fpn_channels"])
-        return build(fpn, num_classes, dict(preset, anchor_scale=preset[anchor_key]), spec)
+        detector = build(fpn, num_classes, dict(preset, anchor_scale=preset[anchor_key]), spec)
+        if spec.get("binary_neck"):
+            from detkd.models.binary import binarize_neck
+
+            binarize_neck(detector)
+        return detector
 
     return family
 
@@ -101,6 +106,7 @@ def build_detector(
     min_size: int = 128,
     max_size: int = 128,
     fpn_channels: int | None = None,
+    binary_neck: bool = False,
 ) -> Detector:
     """Build a detector by name.
 
@@ -112,6 +118,7 @@ def build_detector(
         min_size: short side of the network input.
         max_size: maximum long side of the network input.
         fpn_channels: override of the preset's FPN (or transformer) width.
+        binary_neck: 1-bit FPN convs and RPN conv (IDa-Det's student); see ``detkd.models.binary``.
     """
     family, backbone = split_name(name)
     if backbone not in BACKBONES:
@@ -133,6 +140,8 @@ def build_detector(
         max_size=max_size,
         fpn_channels=fpn_channels,
     )
+    if binary_neck:
+        spec["binary_neck"] = True
     model = FAMILIES.get(family)(backbone, num_classes, settings, spec, backbone_weights)
     model.name = name
     return model

@@ -38,6 +38,7 @@ class DetOutputs:
         losses: the detector's own task losses (empty when no targets were given).
         image_sizes: ``(h, w)`` of each image inside the padded batch.
         batch_shape: ``(H, W)`` of the padded batch tensor.
+        images: the preprocessed batch itself (for methods that re-run a head, e.g. ``head_losses``).
     """
 
     features: dict[str, Tensor]
@@ -45,6 +46,7 @@ class DetOutputs:
     losses: dict[str, Tensor] = field(default_factory=dict)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     batch_shape: tuple[int, int] = (0, 0)
+    images: ImageList | None = None
 
 
 class Detector(nn.Module):
@@ -83,7 +85,7 @@ class Detector(nn.Module):
     def forward(self, images: ImageList, targets: list[dict] | None = None) -> DetOutputs:
         features = self.extract(images)
         losses, head = self.head_losses(features, images, targets)
-        return DetOutputs(features, head, losses, list(images.image_sizes), tuple(images.tensors.shape[-2:]))
+        return DetOutputs(features, head, losses, list(images.image_sizes), tuple(images.tensors.shape[-2:]), images)
 
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections (``boxes`` xyxy in each input image's own pixels, ``scores``, ``labels``), eval mode."""
