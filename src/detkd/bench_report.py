@@ -1,0 +1,239 @@
+"""BENCHMARKS.md and plots, generated from a suite's ``results.json`` (never typed by hand)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SEED_METHODS = ("tar", "gkd", "ida", "lgd", "detrdistill")
+
+
+def _fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    text = f"{stat['mean']:.{digits}f}"
+    if stat.get("n", 0) > 1:
+        text += f" ± {stat['std']:.{digits}f}"
+    return text
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def write_plots(results: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
+    """mAP per row with error bars, and training-loss curves, per pair. Returns pair -> PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, list[Path]] = {}
+    table = results.get("table", [])
+    for pair in results["pairs"]:
+        rows = [e for e in table if e["pair"] == pair["name"] and e["AP"]["mean"] is not None]
+        if not rows:
+            continue
+        paths = []
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 1.5), 3.2))
+        names = [e["row"] for e in rows]
+        means = [e["AP"]["mean"] for e in rows]
+        stds = [e["AP"]["std"] or 0.0 for e in rows]
+        colors = [
+            "#555555" if e["kind"] == "teacher" else "#1f77b4" if e["kind"] == "method" else "#aaaaaa" for e in rows
+        ]
+        ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
+        base = next((e for e in rows if e["row"] == "baseline"), None)
+        if base:
+            ax.axhline(base["AP"]["mean"], color="#aa0000", lw=0.8, ls="--", label="baseline")
+            ax.legend(loc="lower right", fontsize=7)
+        ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel("val mAP@[.5:.95]")
+        ax.set_title(f"{pair['name']}: {pair['teacher'] or '(no teacher)'} → {pair['student']}", fontsize=9)
+        lo = min(m - s for m, s in zip(means, stds))
+        ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.03))
+        fig.tight_layout()
+        path = folder / f"{pair['name']}_map.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        for rec in results["records"]:
+            if rec["pair"] != pair["name"] or rec.get("seed") != 0 or rec["kind"] not in ("baseline", "method"):
+                continue
+            log = Path(rec["run"]) / "log.jsonl"
+            if not log.exists():
+                continue
+            pts = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            xs = [p["iter"] for p in pts if "loss_cls" in p]
+            ys = [sum(v for k, v in p.items() if k.startswith("loss_")) for p in pts if "loss_cls" in p]
+            if xs:
+                ax.plot(xs, ys, label=rec["row"], lw=1.2 if rec["kind"] == "method" else 2.0)
+        ax.set_xlabel("step")
+        ax.set_ylabel("detection loss (task terms)")
+        ax.set_title(f"{pair['name']}: training curves, seed 0", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{pair['name']}_curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+        plots[pair["name"]] = paths
+    return plots
+
+
+def goals(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
+    """The goals the table is judged against: (goal, met?, evidence)."""
+    table = results.get("table", [])
+    methods = [e for e in table if e["kind"] == "method"]
+    out = []
+    for name in SEED_METHODS:
+        rows = [e for e in methods if e["row"] == name]
+        if not rows:
+            out.append((f"`{name}` beats its baseline by > 2 std of the baseline's seeds", None, "not in this suite"))
+            continue
+        for e in rows:
+            base = next(b for b in table if b["pair"] == e["pair"] and b["row"] == "baseline")
+            ok = bool(e.get("gain_over_2std"))
+            out.append(
+                (
+                    f"`{name}` ({e['pair']}) beats its baseline by > 2 std of the baseline's seeds",
+                    ok,
+                    f"gain {_signed(e.get('gain'))}, 2 std = {2 * (base['AP']['std'] or 0):.3f} "
+                    f"(n = {base['AP']['n']})",
+                )
+            )
+    reach = [e for e in methods if e.get("reaches_teacher")]
+    out.append(
+        (
+            "at least one method's student reaches its teacher's mAP",
+            bool(reach),
+            ", ".join(f"{e['pair']}/{e['row']}" for e in reach)
+            or "best gap closed: " + _num(max((e.get("gap_closed") or -9 for e in methods), default=None), ".0%"),
+        )
+    )
+    for pair in results["pairs"]:
+        for e in methods:
+            if e["pair"] == pair["name"] and e["row"] in pair.get("feature_methods", []) and e.get("step_ratio"):
+                out.append(
+                    (
+                        f"step overhead ≤ 1.15× (student step + teacher forward): {e['pair']}/{e['row']}",
+                        e["step_ratio"] <= 1.15,
+                        f"{e['step_ratio']:.2f}×",
+                    )
+                )
+    return out
+
+
+def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base: Path) -> str:
+    """The whole BENCHMARKS.md text; image links are relative to ``base`` (where the file is written)."""
+    m = results["machine"]
+    d = results["data"]
+    lines = [
+        f"# detkd benchmark — suite `{results['suite']}`",
+        "",
+        "Generated by `detkd bench` from `results.json`; do not edit by hand. "
+        f"Regenerate with `detkd bench --suite {results['suite']} --render BENCHMARKS.md`.",
+        "",
+        f"- **Suite:** {results['description']}.",
+        f"- **Date:** {results['date']}. **Machine:** {m['cpu']}, {m['cores']} cores"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+        + f"; Python {m['python']}, torch {m['torch']}.",
+        f"- **Data:** built-in digits, `{d['difficulty']}` variant, {d['train']} train / {d['val']} val images of "
+        f"{d['size']} px (seed {d['seed']}); train and val use disjoint source digits.",
+        f"- **Protocol:** every student row uses the same data, schedule and seeds ({results['seeds']} seeds: 0.."
+        f"{results['seeds'] - 1}); each teacher trained once (seed 0) and cached. {results['jobs']} run(s) at a time, "
+        f"{results['threads_per_run']} CPU thread(s) each. Metrics on the full val split.",
+        "- **Columns:** mAP = COCO mAP@[.5:.95] (mean ± std over seeds); gain = method − baseline (same schedule); "
+        "gain (time) = method − baseline trained for the same wall-clock time (the baseline's iterations × the "
+        "method's measured step-time ratio, rounded up to a 0.25 grid: row `tmX`); gap closed = gain / (teacher − "
+        "baseline); step ratio = method step / (student step + teacher forward), medians of interleaved steps "
+        "measured in one process (`×S` = relative to the student step alone).",
+        "",
+    ]
+    table = results.get("table", [])
+    timing = results.get("timing", {})
+    for pair in results["pairs"]:
+        rows = [e for e in table if e["pair"] == pair["name"]]
+        if not rows:
+            continue
+        t = timing.get(pair["name"], {})
+        lines += [
+            f"## {pair['name']}: {pair['teacher'] or '(no teacher)'} → {pair['student']}",
+            "",
+            f"Teacher {pair['teacher_iters']} steps; every student row {pair['student_iters']} steps"
+            + (
+                f"; overrides `{' '.join(pair['overrides'] + pair['student_overrides'])}`"
+                if pair["overrides"] or pair["student_overrides"]
+                else ""
+            )
+            + ". "
+            + (
+                f"Student step {t['student_step_s']:.3f} s, teacher forward "
+                f"{_num(t.get('teacher_forward_s'), '.3f')} s (batch {t['batch_size']}, {t['threads']} threads)."
+                if t
+                else ""
+            ),
+            "",
+            "| row | steps | mAP | mAP@.5 | gain | gain (time) | gap closed | step ratio | peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for e in rows:
+            ratio = ""
+            if e.get("step_ratio") is not None:
+                ratio = f"{e['step_ratio']:.2f}× ({e['step_ratio_student']:.2f}×S)"
+            tm = ""
+            if e.get("gain_time_matched") is not None:
+                tm = f"{e['gain_time_matched']:+.3f} vs {e['time_matched_row']}"
+            failed = f" ({e['failed_seeds']} seed(s) failed)" if e.get("failed_seeds") else ""
+            lines.append(
+                f"| {e['row']}{failed} | {e['iters']} | {_fmt(e['AP'])} | {_fmt(e['AP50'])} | "
+                f"{_signed(e.get('gain'))} | {tm or '–'} | {_num(e.get('gap_closed'), '.0%')} | {ratio or '–'} | "
+                f"{_num(e.get('peak_memory_mb'), '.0f')} |"
+            )
+        costs = t.get("cost", {})
+        if costs:
+            lines += [
+                "",
+                "| model | params | FP32 MB | packed MB | GFLOPs | GBOPs | GOPs | latency ms (1 image) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for name, c in costs.items():
+                if not c:
+                    continue
+                lines.append(
+                    f"| {name} | {c.get('params', 0) / 1e6:.2f} M | {_num(c.get('fp32_mb'), '.1f')} | "
+                    f"{_num(c.get('packed_mb'), '.1f')} | {_num(_g(c.get('flops')), '.2f')} | "
+                    f"{_num(_g(c.get('bops')), '.2f')} | {_num(_g(c.get('ops')), '.2f')} | "
+                    f"{_num(c.get('latency_ms'), '.1f')} |"
+                )
+        for path in plots.get(pair["name"], []):
+            lines += ["", f"![{path.stem}]({os.path.relpath(path, base)})"]
+        lines.append("")
+    lines += ["## Goals", "", "| goal | met | evidence |", "|---|:---:|---|"]
+    for goal, ok, evidence in goals(results):
+        lines.append(f"| {goal} | {'–' if ok is None else 'yes' if ok else '**no**'} | {evidence} |")
+    failed = [r for r in results["records"] if r.get("failed")]
+    n_runs = len(results["records"])
+    lines += [
+        "",
+        "## What ran",
+        "",
+        f"{n_runs} training runs ({len(failed)} failed), total wall time "
+        f"{results.get('wall_s', 0) / 3600:.1f} h. Command: `{results['command']}`.",
+    ]
+    for r in failed:
+        lines.append(f"- failed: {r['pair']}/{r['row']} seed {r['seed']}: {r.get('error')}")
+    return "\n".join(lines) + "\n"
+
+
+def _g(value: float | None) -> float | None:
+    return None if value is None else value / 1e9

@@ -1,0 +1,165 @@
+"""Step-time measurement for ``detkd bench``: everything of one pair timed in one process, interleaved.
+
+The student's training step, the teacher's forward and each method's distillation step run round-robin on the
+same pre-loaded batches, so a slow minute on a shared machine slows all of them alike and their ratios stay
+meaningful. Medians over the timed rounds are reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("detkd")
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def model_cost_or_none(detector: Any, size: int) -> dict[str, Any] | None:
+    """Parameters, sizes and operation counts, when the accounting module can measure this detector."""
+    try:
+        from detkd.models.complexity import model_cost
+    except ImportError:
+        return {
+            "params": sum(p.numel() for p in detector.parameters()),
+            "fp32_mb": sum(p.numel() for p in detector.parameters()) * 4 / 2**20,
+        }
+    try:
+        return model_cost(detector, image_size=(size, size))
+    except Exception as exc:  # accounting is a report detail; a failure must not lose the timing
+        log.warning("cost accounting failed for %s: %s", detector.spec.get("name"), exc)
+        return None
+
+
+def time_pair(
+    data: Path,
+    student_ckpt: Path,
+    teacher_ckpt: Path | None,
+    rows: list[str],
+    overrides: list[str],
+    steps: int = 12,
+    references: dict[str, Path] | None = None,
+) -> dict[str, Any]:
+    """Median step times of the student, the teacher forward and each method row; latency and cost per model.
+
+    Returns:
+        ``student_step_s``, ``teacher_forward_s``, ``rows`` (row -> ``step_s``, ``ratio`` = step / (student step +
+        teacher forward), ``ratio_student`` = step / student step), ``latency_ms`` (model -> one-image predict),
+        ``cost`` (model name -> accounting) and ``steps``.
+    """
+    import detkd.methods  # noqa: F401  (registration)
+    from detkd.config import load_config
+    from detkd.data import build_dataset, build_train_loader, build_transforms
+    from detkd.distill import DistillModel, build_distillers
+    from detkd.engine.checkpoint import load_detector
+    from detkd.engine.launch import RunContext, build_optimizer
+    from detkd.methods.base import METHODS
+
+    cfg = load_config(overrides=overrides)
+    train_set = build_dataset(data, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
+    loader = build_train_loader(train_set, cfg.data.batch_size, seed=1234)
+    batches = [next(loader) for _ in range(3)]
+    student, _ = load_detector(student_ckpt)
+    teacher = load_detector(teacher_ckpt)[0] if teacher_ckpt else None
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    context = RunContext(
+        build_dataset(data, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, False)),
+        torch.device("cpu"),
+        cfg.data.batch_size,
+        100,
+        1000,
+        Path("."),
+    )
+
+    def trainer_step(model: DistillModel) -> Any:
+        optimizer = build_optimizer(cfg.optim, model)
+        model.train()
+        state = {"i": 0}
+
+        def step() -> None:
+            images, targets = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            losses, _ = model(images, targets, step=500)
+            optimizer.zero_grad(set_to_none=True)
+            torch.stack([v.float() for v in losses.values()]).sum().backward()
+            for d in model.distillers.values():
+                d.before_optimizer_step(500)
+            optimizer.step()
+
+        return step
+
+    plain = DistillModel(copy.deepcopy(student), None, {}, total_iters=1000, iters_per_epoch=100)
+    fns: dict[str, Any] = {"student": trainer_step(plain)}
+    if teacher is not None:
+
+        def teacher_forward() -> None:
+            images, _ = batches[0]
+            with torch.no_grad():
+                batch, _ = student.preprocess(images, None)
+                teacher(batch, None)
+
+        fns["teacher"] = teacher_forward
+    for row in rows:
+        methods = row.split("+")
+        needs_teacher = any(METHODS.get(m).needs_teacher for m in methods)
+        s = copy.deepcopy(student)
+        options = {m: cfg.distill.options.get(m, {}) for m in methods if m in cfg.distill.options}
+        distillers = build_distillers(methods, options, s, teacher if needs_teacher else None)
+        model = DistillModel(s, teacher if needs_teacher else None, distillers, total_iters=1000, iters_per_epoch=100)
+        for d in distillers.values():
+            d.on_epoch_start(0, context)
+        fns[row] = trainer_step(model)
+
+    for fn in fns.values():  # warm-up: allocation, lazy init
+        fn()
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(steps):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    base = med["student"] + med.get("teacher", 0.0)
+    result: dict[str, Any] = {
+        "student_step_s": med["student"],
+        "teacher_forward_s": med.get("teacher"),
+        "rows": {
+            row: {"step_s": med[row], "ratio": med[row] / base, "ratio_student": med[row] / med["student"]}
+            for row in rows
+        },
+        "steps": steps,
+        "batch_size": cfg.data.batch_size,
+        "threads": torch.get_num_threads(),
+    }
+    size = cfg.model.min_size
+    image = [batches[0][0][0]]
+    models = {student.spec["name"]: student}
+    if teacher is not None:
+        models[teacher.spec["name"]] = teacher
+    for path in (references or {}).values():
+        if Path(path).exists():
+            ref, _ = load_detector(path)
+            models[ref.spec["name"]] = ref
+    result["latency_ms"] = {name: 1000 * _median_time(lambda m=m: m.predict(image), 10) for name, m in models.items()}
+    result["cost"] = {name: model_cost_or_none(m, size) for name, m in models.items()}
+    for name in result["cost"]:
+        if result["cost"][name] is not None:
+            result["cost"][name]["latency_ms"] = result["latency_ms"][name]
+    return result
