@@ -153,7 +153,14 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    defaults = cls()
+    kwargs = {}
+    for key, value in data.items():
+        default = getattr(defaults, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # A partial mapping overrides the field's own default, not the nested class's bare defaults.
+            value = _merge(to_dict(default), value)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
 
