@@ -157,8 +157,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     kwargs = {}
     for key, value in data.items():
         default = getattr(defaults, key)
-        if isinstance(value, dict) and dataclasses.is_dataclass(default):
-            # A partial mapping overrides the field's own default, not the nested class's bare defaults.
+        if isinstance(value, dict) and (dataclasses.is_dataclass(default) or isinstance(default, dict)):
+            # A partial mapping overrides the field's own default (e.g. a method's default term weights or
+            # schedule), key by key, instead of replacing it.
             value = _merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
