@@ -9,13 +9,35 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from detkd.errors import ConfigError, DetkdError
 
 EPILOG_OVERRIDES = "Any config field can be set as key=value, e.g. optim.lr=0.01 train.iters=500 data.batch_size=4."
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of a user error on one line.
+
+    An error raised in a DataLoader worker comes back with the worker's traceback in its message; its last line
+    holds the original message.
+    """
+    text = str(exc).strip()
+    if "Traceback (most recent call last)" in text:
+        last = text.splitlines()[-1]
+        _, sep, message = last.partition(": ")
+        text = message if sep else last
+    return " ".join(text.split())
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -83,6 +105,8 @@ def _run(cfg: Any, args: argparse.Namespace, default_out: str) -> int:
         return 0
     out = Path(args.out or default_out)
     summary = run(cfg, out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary is enough
+        return 0
     metrics = summary["metrics"]
     if metrics:
         print(
@@ -216,7 +240,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="detkd",
         description="Knowledge distillation for object detectors.",
         epilog="Run `detkd COMMAND --help` for the options of a command.",
@@ -302,12 +326,24 @@ def _add_optional_commands(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        # argparse takes one run of positionals: overrides given between options arrive here.
+        if hasattr(args, "overrides") and not any(r.startswith("-") for r in rest):
+            args.overrides = list(args.overrides) + rest
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
     _setup_logging(args.verbose)
     try:
         return args.func(args)
     except DetkdError as exc:
-        print(f"detkd: error: {exc}", file=sys.stderr)
+        print(f"detkd: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # The file system refused (permissions, a file where a folder should be, a full disk): not a bug.
+        print(f"detkd: error: {exc.filename}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("detkd: interrupted (the run folder keeps its last checkpoint; continue with --resume)", file=sys.stderr)

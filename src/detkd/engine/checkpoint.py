@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,13 @@ TRAIN_FORMAT = "detkd.train"
 VERSION = 1
 
 
+def file_mode() -> int:
+    """The permissions ``open()`` would give a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -35,6 +43,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, file_mode())  # mkstemp makes the file private; a checkpoint gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -53,6 +62,18 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         pass
 
 
+def _reason(exc: Exception) -> str:
+    """The telling line of a loader's error: the weights-only unpickler puts it after a paragraph of advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Please file an issue"):
+            rest = [r.removeprefix("WeightsUnpickler error:").strip() for r in lines[i + 1 :]]
+            if any(rest):
+                return next(r for r in rest if r)
+    # Keep the first sentence: the zip reader appends a paragraph on how files get corrupted.
+    return lines[0].split(". ")[0] if lines else type(exc).__name__
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; every failure is a one-line :class:`CheckpointError`."""
     path = Path(path)
@@ -61,16 +82,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+        # The weights-only unpickler stops at the first GLOBAL (a class or function to import) it does not allow;
+        # any other complaint (an unknown opcode, a torn stream) means a damaged file.
+        found = re.search(r"GLOBAL (\S+?)[\s.,]*(?:was|whose|$)", str(exc))
+        if found:
             raise CheckpointError(
-                f"{path}: refused: the file contains pickled Python objects, not only tensors and plain containers "
-                "(loading such a file can run arbitrary code; detkd loads checkpoints with weights_only=True)"
+                f"{path}: refused: the file contains pickled Python objects ({found.group(1)}), not only tensors "
+                "and plain containers (loading such a file can run arbitrary code; detkd loads checkpoints with "
+                "weights_only=True)"
             ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_reason(exc)})") from None
+    except Exception as exc:  # noqa: BLE001  (whatever the parser trips on, the file is at fault)
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_reason(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") not in (STUDENT_FORMAT, TRAIN_FORMAT):
         raise CheckpointError(
             f"{path}: not a detkd checkpoint (no 'format' field of a detkd student or training checkpoint)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import sys
 import time
 from collections import defaultdict
@@ -12,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from detkd.config import OptimConfig
 from detkd.engine.checkpoint import TRAIN_FORMAT, VERSION, save_atomic, save_student
@@ -52,10 +55,59 @@ class LRSchedule(Hook):
             group["lr"] = group["initial_lr"] * factor
 
 
-def training_state(trainer: Trainer, extra: dict[str, Any]) -> dict[str, Any]:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and trainer.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
+def gather(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (``[obj]`` outside a process group). A collective: every rank calls."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random state (torch, CUDA, numpy, Python) as tensors and plain values.
+
+    Plain, so that a training checkpoint still loads with ``weights_only=True``.
+    """
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` captured (parts missing from older checkpoints are left alone)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if "numpy" in state:
+        np_state = state["numpy"]
+        keys = np_state["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached"]))
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+
+
+def training_state(trainer: Trainer, extra: dict[str, Any], rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The contents of ``last.pt``.
+
+    Args:
+        trainer: the trainer.
+        extra: JSON-able fields stored as they are (config, spec, classes).
+        rng: every rank's :func:`rng_state`, in rank order; this process's alone if None.
+    """
     return {
         "format": TRAIN_FORMAT,
         "version": VERSION,
@@ -63,7 +115,7 @@ def training_state(trainer: Trainer, extra: dict[str, Any]) -> dict[str, Any]:
         "trainable": trainer.model.trainable_module.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict(),
-        "rng": rng,
+        "rng": rng if rng is not None else [rng_state(trainer.device)],
         "best": dict(trainer.best),
         "nonfinite_total": trainer.nonfinite_total,
         **extra,
@@ -72,6 +124,9 @@ def training_state(trainer: Trainer, extra: dict[str, Any]) -> dict[str, Any]:
 
 class Checkpointer(Hook):
     """Writes ``last.pt`` every ``every`` steps and at the end (atomically), and ``student.pt`` at the end.
+
+    Every rank takes part (each contributes its random state, so a resumed multi-process run continues every
+    rank's stream); only the rank with ``enabled`` writes.
 
     Args:
         out: run folder.
@@ -84,9 +139,18 @@ class Checkpointer(Hook):
     def __init__(self, out: Path, every: int, extra: dict[str, Any], classes: list[str], enabled: bool = True):
         self.out, self.every, self.extra, self.classes, self.enabled = out, every, extra, classes, enabled
 
+    def before_train(self, trainer: Trainer) -> None:
+        if not self.enabled:
+            return
+        # A process killed inside save_atomic leaves its temporary file behind; the checkpoint itself is intact.
+        for name in ("last.pt", "best.pt", "student.pt"):
+            for stale in self.out.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
     def save(self, trainer: Trainer) -> None:
+        rng = gather(rng_state(trainer.device))
         if self.enabled:
-            save_atomic(training_state(trainer, self.extra), self.out / "last.pt")
+            save_atomic(training_state(trainer, self.extra, rng), self.out / "last.pt")
 
     def after_step(self, trainer: Trainer) -> None:
         if self.every and trainer.iter % self.every == 0 and trainer.iter < trainer.max_iters:
@@ -132,7 +196,11 @@ class Evaluator(Hook):
         if not self.enabled:
             return
         start = time.perf_counter()
-        metrics = self.evaluate(trainer.model.student)
+        # Evaluation draws random numbers (the eval DataLoader seeds itself from the global generator); forking
+        # keeps the training stream as it was, so eval_every does not change training and a resume is exact.
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            metrics = self.evaluate(trainer.model.student)
         metrics = {"iter": trainer.iter, **metrics, "eval_time_s": round(time.perf_counter() - start, 3)}
         self.last = metrics
         with open(self.out / "eval.jsonl", "a") as f:
@@ -177,32 +245,69 @@ class MethodEpochs(Hook):
 
 
 class KDActivityCheck(Hook):
-    """Warns when every distillation term was exactly zero over the first ``window`` steps (KD silently off)."""
+    """Warns when a distillation term was exactly zero over the first ``window`` steps (KD silently off), on any rank.
+
+    Each rank sums ``|term|`` over its own first steps; the sums are gathered, so a term that is dead on one rank
+    only (a classic multi-process failure) is reported with the rank. Results in ``trainer.state``: ``kd_active``
+    (term -> non-zero on every rank) and ``kd_per_rank`` (per rank, term -> sum of ``|term|``).
+    """
 
     def __init__(self, window: int = 10):
         self.window = window
         self.seen: dict[str, float] = defaultdict(float)
+        self.done = False
 
     def after_step(self, trainer: Trainer) -> None:
-        if trainer.iter - trainer.start_iter > self.window:
+        steps = trainer.iter - trainer.start_iter
+        if self.done or steps > self.window:
             return
         for key, value in trainer.record.items():
             if key.startswith("raw."):
-                self.seen[key] += abs(value)
-        if trainer.iter - trainer.start_iter == self.window and self.seen:
-            dead = [k[4:] for k, v in self.seen.items() if v == 0.0]
-            if dead:
-                log.warning(
-                    "distillation term(s) %s were exactly 0 for the first %d steps: check the method's "
-                    "masks/selection (see its stats in log.jsonl)",
-                    ", ".join(dead),
-                    self.window,
-                )
-            trainer.state["kd_active"] = {k[4:]: v > 0 for k, v in self.seen.items()}
+                self.seen[key[4:]] += abs(value)
+        if steps == self.window:
+            self.finish(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if not self.done and trainer.iter > trainer.start_iter:  # a run shorter than the window
+            self.finish(trainer)
+
+    def finish(self, trainer: Trainer) -> None:
+        self.done = True
+        per_rank = gather(dict(self.seen))  # every rank reaches this at the same step
+        terms = sorted({k for sums in per_rank for k in sums})
+        if not terms:
+            return
+        steps = min(self.window, trainer.iter - trainer.start_iter)
+        dead = {t: [r for r, sums in enumerate(per_rank) if sums.get(t, 0.0) == 0.0] for t in terms}
+        dead = {t: ranks for t, ranks in dead.items() if ranks}
+        if dead:
+            where = (
+                ""
+                if len(per_rank) == 1
+                else " on rank(s) " + "; ".join(f"{t}: {', '.join(map(str, r))}" for t, r in dead.items())
+            )
+            log.warning(
+                "distillation term(s) %s were exactly 0 for the first %d steps%s: check the method's "
+                "masks/selection (see its stats in log.jsonl)",
+                ", ".join(dead),
+                steps,
+                where,
+            )
+        trainer.state["kd_active"] = {t: t not in dead for t in terms}
+        trainer.state["kd_per_rank"] = per_rank
+
+
+def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of the ranks' log rows (a key missing on a rank is averaged over the ranks that have it)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: sum(row[k] for row in rows if k in row) / sum(k in row for row in rows) for k in keys}
 
 
 class Logger(Hook):
     """Averages the step records over ``every`` steps into ``log.jsonl`` (+ TensorBoard); shows progress.
+
+    In a multi-process run every rank keeps its window and the logged values are the mean over ranks (the loss of
+    the global batch, for losses that are means over images); only the rank with ``enabled`` writes.
 
     Args:
         out: run folder.
@@ -246,8 +351,6 @@ class Logger(Hook):
             self.task = self.progress.add_task("train", total=trainer.max_iters, completed=trainer.iter, info="")
 
     def after_step(self, trainer: Trainer) -> None:
-        if not self.enabled:
-            return
         if trainer.record.get("skipped"):
             self.window["skipped"].append(1.0)
         else:
@@ -255,10 +358,15 @@ class Logger(Hook):
             for key, value in trainer.record.items():
                 self.window[key].append(value)
         if trainer.iter % self.every == 0 or trainer.iter == trainer.max_iters:
-            row = {"iter": trainer.iter, **{k: sum(v) / len(v) for k, v in self.window.items() if v}}
+            row = {k: sum(v) / len(v) for k, v in self.window.items() if v}
             if "skipped" in self.window:
                 row["skipped"] = float(len(self.window["skipped"]))
             row["step_time"] = sum(self.step_times[-self.every :]) / max(1, len(self.step_times[-self.every :]))
+            rows = gather(row)  # a collective at the same steps on every rank
+            self.window.clear()
+            if not self.enabled:
+                return
+            row = {"iter": trainer.iter, **mean_rows(rows)}
             row["elapsed_s"] = round(time.perf_counter() - self.start, 2)
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(json_safe(row)) + "\n")
@@ -271,7 +379,6 @@ class Logger(Hook):
                 self.progress.update(self.task, completed=trainer.iter, info=info)
             elif self.show:
                 print(f"step {trainer.iter}/{trainer.max_iters}  {info}", file=sys.stderr, flush=True)
-            self.window.clear()
         elif self.progress is not None:
             self.progress.update(self.task, completed=trainer.iter)
 

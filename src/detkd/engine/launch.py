@@ -14,6 +14,7 @@ import platform
 import resource
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,17 @@ from detkd.config import Config, OptimConfig, save_config, to_dict
 from detkd.distill import DistillModel, build_distillers
 from detkd.engine.checkpoint import load_detector, load_state_checked, read_checkpoint
 from detkd.engine.evaluate import json_safe
-from detkd.engine.hooks import Checkpointer, Evaluator, KDActivityCheck, Logger, LRSchedule, MethodEpochs
-from detkd.engine.trainer import Trainer
-from detkd.errors import CheckpointError, ConfigError, DetkdError
+from detkd.engine.hooks import (
+    Checkpointer,
+    Evaluator,
+    KDActivityCheck,
+    Logger,
+    LRSchedule,
+    MethodEpochs,
+    set_rng_state,
+)
+from detkd.engine.trainer import Trainer, amp_dtype
+from detkd.errors import CheckpointError, ConfigError, DataError, DetkdError
 from detkd.models import Detector, build_detector
 
 log = logging.getLogger("detkd")
@@ -55,15 +64,44 @@ def select_device(name: str) -> torch.device:
         raise ConfigError(f"train.device: unknown device {name!r}") from None
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group ``torchrun`` describes; returns (rank, world_size)."""
+SCHEDULES = ("step", "cosine", "constant")
+# Only rank 0 evaluates, while the other ranks wait in their next collective: the timeout must outlast an evaluation.
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """Join the process group ``torchrun`` describes; returns (rank, world_size, whether this call created it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
     if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
+        return 0, 1, False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def trim_jsonl(path: Path, last_iter: int) -> None:
+    """Drop the lines of ``path`` logged after step ``last_iter``: steps a killed run did after its checkpoint are
+    done again on resume, and would otherwise appear twice."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("iter", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line torn by the kill
+        if step <= last_iter:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def count_boxes(dataset: Any) -> int:
+    """Training targets in a split (crowd/difficult objects and skipped annotations excluded)."""
+    return sum(int((~record.ignore).sum()) for record in dataset.records)
 
 
 def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimizer:
@@ -125,8 +163,13 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
     from detkd.engine.evaluate import run_evaluation
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: the run folder (--out) is an existing file")
     device = select_device(cfg.train.device)
-    rank, world = init_distributed(device)
+    amp_dtype(cfg.train.amp, device)  # settings read only later are checked now, before anything is written
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
+    rank, world, owns_group = init_distributed(device)
     main = rank == 0
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -138,8 +181,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
                 f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out"
             )
         if resume and not last.exists():
-            raise ConfigError(f"--resume: {last} not found")
-        out.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(f"--resume: {last} not found (nothing to resume in {out})")
     torch.manual_seed(cfg.train.seed + rank)
 
     train_set = build_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
@@ -147,6 +189,11 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
     classes = list(train_set.classes)
     if list(val_set.classes) != classes:
         raise ConfigError(f"train and val splits of {cfg.data.root} have different classes")
+    if count_boxes(train_set) == 0:
+        raise DataError(
+            f"{cfg.data.root}: split {cfg.data.train_split!r} has no boxes to train on ({len(train_set)} images, "
+            "none with a usable annotation)"
+        )
     student = build_detector(
         cfg.model.name,
         len(classes),
@@ -188,7 +235,10 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         if ckpt["format"] != "detkd.train":
             raise CheckpointError(f"{last}: not a training checkpoint")
         load_state_checked(model.trainable_module, ckpt["trainable"], last)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{last}: optimiser state does not fit this run ({exc})") from None
         start_iter = int(ckpt["iter"])
         trainer_state = ckpt
         if start_iter >= cfg.train.iters:
@@ -204,6 +254,10 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         )
 
     if main:
+        # Everything that can fail on bad input has been checked: only now is the run folder touched.
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("log.jsonl", "eval.jsonl"):
+            trim_jsonl(out / name, start_iter)
         save_config(cfg, out / "config.yaml")
     extra = {"config": to_dict(cfg), "spec": dict(student.spec), "classes": classes}
     context = RunContext(
@@ -230,7 +284,8 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
     hooks = [LRSchedule(cfg.optim)]
     if distillers:
         hooks += [MethodEpochs(iters_per_epoch, context), KDActivityCheck()]
-    hooks += [logger, Checkpointer(out, cfg.train.ckpt_every, extra, classes, enabled=main), evaluator]
+    # The evaluator runs before the checkpointer, so a checkpoint taken at an evaluation step holds its best score.
+    hooks += [logger, evaluator, Checkpointer(out, cfg.train.ckpt_every, extra, classes, enabled=main)]
 
     data = build_train_loader(train_set, cfg.data.batch_size, cfg.train.seed, cfg.data.workers, rank, world, start_iter)
     trainer = Trainer(
@@ -250,9 +305,18 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         trainer.scaler.load_state_dict(trainer_state.get("scaler", {}))
         trainer.best = dict(trainer_state.get("best", trainer.best))
         trainer.nonfinite_total = int(trainer_state.get("nonfinite_total", 0))
-        torch.set_rng_state(trainer_state["rng"]["torch"])
-        if "cuda" in trainer_state["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(trainer_state["rng"]["cuda"], device)
+        rng = trainer_state["rng"]
+        rng = rng if isinstance(rng, list) else [rng]  # older checkpoints: rank 0's state alone
+        if len(rng) != world:
+            log.warning(
+                "%s was written by %d process(es), this run has %d: the random streams restart from the seed",
+                last,
+                len(rng),
+                world,
+            )
+            torch.manual_seed(hash((cfg.train.seed, rank, start_iter)) % 2**63)
+        else:
+            set_rng_state(rng[rank], device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -270,6 +334,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         "best": trainer.best,
         "teacher_check": teacher_metrics,
         "kd_active": trainer.state.get("kd_active"),
+        "kd_per_rank": trainer.state.get("kd_per_rank"),
         "student_params": sum(p.numel() for p in student.parameters()),
         "machine": {
             "device": str(device),
@@ -283,4 +348,6 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         (out / "final.json").write_text(json.dumps(json_safe(summary), indent=2))
     if world > 1:
         dist.barrier()
+    if owns_group:
+        dist.destroy_process_group()
     return summary

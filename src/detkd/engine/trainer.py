@@ -155,6 +155,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._skip(losses, stats, "gradient")
             return
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.nonfinite = 0
@@ -166,6 +167,11 @@ class Trainer:
             "grad_norm": float(norm.detach()),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
+        if scale is not None and self.scaler.get_scale() < scale:
+            # The scaler skipped this step and lowered its scale (fp16 overflow; normal in the first steps). The
+            # inf norm is left out of the record so it does not swamp the logged mean.
+            del self.record["grad_norm"]
+            self.record["amp_overflow"] = 1.0
 
     def _skip(self, losses: dict[str, Tensor], stats: dict[str, float], what: str) -> None:
         self.nonfinite += 1
