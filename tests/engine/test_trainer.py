@@ -178,12 +178,6 @@ def test_fp16_overflow_is_left_to_the_scaler():
     assert not torch.equal(model.trainable_module.weight, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torchvision's BoxCoder decodes proposals in the RPN head's dtype: under bf16 autocast the Faster R-CNN "
-    "adapter samples RoIs from bf16 boxes (0.125 px steps at 16-32 px, 4 px at 512-1024 px). Fix in "
-    "models/torchvision_adapter.py: decode deltas.float().",
-)
 def test_faster_rcnn_proposals_stay_fp32_under_bf16():
     student = tiny("frcnn_r18", fpn_channels=16).train()
     batch, targets = student.preprocess(*make_batch(2, empty_last=False))

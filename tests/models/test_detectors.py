@@ -141,3 +141,12 @@ def test_imagenet_weights_errors(tmp_path, monkeypatch):
         build_detector("frcnn_r18", 3, backbone_weights=str(wrong))
     with pytest.raises(BuildError, match="does not exist"):
         build_detector("frcnn_r18", 3, backbone_weights=str(tmp_path / "missing.pth"))
+
+
+def test_roi_levels_do_not_depend_on_the_first_batch():
+    """A first image shrunk by max_size must not change which FPN level later RoIs are pooled from."""
+    model = tiny("frcnn_r18")
+    pool = model.model.roi_heads.box_roi_pool
+    assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    model.predict([torch.rand(3, 48, 80)])  # resized to 38x64: would give a wrong scale if inferred
+    assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]

@@ -8,6 +8,7 @@ from :class:`DetOutputs` and never hook into the model. Inference and export use
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops.poolers import initLevelMapper
 
 from detkd.models.backbones import FPNBackbone
 from detkd.models.outputs import Detector
@@ -95,8 +97,9 @@ class FasterRCNNAdapter(_TorchvisionDetector):
         anchors = rpn.anchor_generator(images, feats)
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-        # Proposals are not differentiated through, as in torchvision.
-        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        # Proposals are not differentiated through, as in torchvision; decoded in fp32 so that mixed precision does
+        # not move the boxes (bf16 has a 4-px step at 512 px) and change which RoIs are sampled.
+        proposals = rpn.box_coder.decode(deltas.detach().float(), anchors).view(len(anchors), -1, 4)
         boxes, scores = rpn.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
         losses = {}
         if targets is not None:
@@ -207,7 +210,12 @@ def build_faster_rcnn(backbone: FPNBackbone, num_classes: int, preset: dict[str,
     channels = backbone.out_channels
     strides = [f.stride for f in backbone.feature_info]
     anchors = AnchorGenerator(tuple((preset["anchor_scale"] * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
-    roi_levels = [f.name for f in backbone.feature_info if f.name != "p6"]
+    roi_levels = [f for f in backbone.feature_info if f.name != "p6"]
+    roi_pool = MultiScaleRoIAlign([f.name for f in roi_levels], output_size=7, sampling_ratio=2)
+    # torchvision infers the level scales from the first batch it sees, which goes wrong when that batch's images
+    # were shrunk by max_size; the strides are known, so set them.
+    roi_pool.scales = [1.0 / f.stride for f in roi_levels]
+    roi_pool.map_levels = initLevelMapper(int(math.log2(roi_levels[0].stride)), int(math.log2(roi_levels[-1].stride)))
     model = FasterRCNN(
         backbone,
         num_classes=None,  # given by box_predictor
@@ -220,7 +228,7 @@ def build_faster_rcnn(backbone: FPNBackbone, num_classes: int, preset: dict[str,
         rpn_pre_nms_top_n_test=preset["rpn_pre_nms_test"],
         rpn_post_nms_top_n_test=preset["rpn_post_nms_test"],
         rpn_batch_size_per_image=preset["rpn_batch"],
-        box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
+        box_roi_pool=roi_pool,
         box_head=TwoMLPHead(channels * 49, preset["box_head_dim"]),
         box_predictor=FastRCNNPredictor(preset["box_head_dim"], num_classes + 1),
         box_batch_size_per_image=preset["box_batch"],
