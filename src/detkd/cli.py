@@ -60,6 +60,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="sets optim.lr")
     p.add_argument("--seed", type=int, help="sets train.seed")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N; sets train.device")
+    p.add_argument("--threads", type=int, help="CPU threads; sets train.threads (on a shared machine, 1 per run)")
     p.add_argument("--preset", choices=["slim", "standard"], help="detector preset; sets model.preset")
     p.add_argument("--backbone-weights", help="none | imagenet | PATH; sets model.backbone_weights")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -81,6 +82,7 @@ def _resolve(args: argparse.Namespace, extra: list[str]) -> Any:
         "device": "train.device",
         "preset": "model.preset",
         "backbone_weights": "model.backbone_weights",
+        "threads": "train.threads",
     }
     for attr, key in simple.items():
         value = getattr(args, attr, None)

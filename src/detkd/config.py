@@ -77,6 +77,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # abort after this many consecutive non-finite losses
     progress: bool = True
     tensorboard: bool = True
+    threads: int | None = None  # CPU threads for torch (None = torch's default, all cores)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from detkd.models.outputs import Detector
 
 STUDENT_FORMAT = "detkd.student"
 TRAIN_FORMAT = "detkd.train"
+PACKED_FORMAT = "detkd.packed"  # a student with bit-packed 1-bit weights (inference only), see models/binary.py
 VERSION = 1
 
 
@@ -94,7 +95,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_reason(exc)})") from None
     except Exception as exc:  # noqa: BLE001  (whatever the parser trips on, the file is at fault)
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_reason(exc)})") from None
-    if not isinstance(obj, dict) or obj.get("format") not in (STUDENT_FORMAT, TRAIN_FORMAT):
+    if not isinstance(obj, dict) or obj.get("format") not in (STUDENT_FORMAT, TRAIN_FORMAT, PACKED_FORMAT):
         raise CheckpointError(
             f"{path}: not a detkd checkpoint (no 'format' field of a detkd student or training checkpoint)"
         )
@@ -120,6 +121,10 @@ def student_state(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The student's state dict from either kind of checkpoint."""
     if ckpt["format"] == STUDENT_FORMAT:
         return ckpt["model"]
+    if ckpt["format"] == PACKED_FORMAT:
+        from detkd.models.binary import unpack_binary_state
+
+        return unpack_binary_state(ckpt["packed"])
     prefix = "student."
     return {k[len(prefix) :]: v for k, v in ckpt["trainable"].items() if k.startswith(prefix)}
 

@@ -166,6 +166,10 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: the run folder (--out) is an existing file")
     device = select_device(cfg.train.device)
+    if cfg.train.threads is not None:
+        if cfg.train.threads < 1:
+            raise ConfigError(f"train.threads must be >= 1, got {cfg.train.threads}")
+        torch.set_num_threads(cfg.train.threads)
     amp_dtype(cfg.train.amp, device)  # settings read only later are checked now, before anything is written
     if cfg.optim.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")

@@ -329,24 +329,8 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
     Raises:
         CheckpointError: the file is missing, not a packed detkd file, or does not match its spec.
     """
-    from detkd.engine.checkpoint import load_state_checked
-    from detkd.models.detectors import build_detector
+    from detkd.engine.checkpoint import load_detector, read_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: packed file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable packed file ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != PACKED_FORMAT:
+    if read_checkpoint(path)["format"] != PACKED_FORMAT:
         raise CheckpointError(f"{path}: not a detkd packed file (format is not {PACKED_FORMAT!r})")
-    spec = payload.get("spec")
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise CheckpointError(f"{path}: packed file has no detector spec")
-    try:
-        detector = build_detector(**spec)
-    except TypeError as exc:
-        raise CheckpointError(f"{path}: detector spec does not fit this detkd version ({exc})") from None
-    load_state_checked(detector, unpack_binary_state(payload["packed"]), path)
-    return detector.to(device), payload
+    return load_detector(path, device)
