@@ -34,25 +34,69 @@ def test_every_suite_plans_registered_detectors_and_methods(suite, tmp_path):
 
 def fake_results() -> dict:
     def rec(row, kind, seed, ap, model="frcnn_r18", iters=300):
-        return {"pair": "frcnn", "row": row, "kind": kind, "seed": seed, "model": model, "methods": [],
-                "iters": iters, "run": "/nonexistent", "AP": ap, "AP50": ap + 0.2, "AP75": ap,
-                "train_time_s": 100.0, "step_time_s": 0.5, "peak_memory_mb": 1000.0}
+        return {
+            "pair": "frcnn",
+            "row": row,
+            "kind": kind,
+            "seed": seed,
+            "model": model,
+            "methods": [],
+            "iters": iters,
+            "run": "/nonexistent",
+            "AP": ap,
+            "AP50": ap + 0.2,
+            "AP75": ap,
+            "train_time_s": 100.0,
+            "step_time_s": 0.5,
+            "peak_memory_mb": 1000.0,
+        }
 
     records = [rec("teacher", "teacher", 0, 0.60, "frcnn_r50", 2000)]
     records += [rec("baseline", "baseline", s, ap) for s, ap in enumerate([0.40, 0.42, 0.41])]
     records += [rec("kd", "method", s, ap) for s, ap in enumerate([0.47, 0.48, 0.49])]
     records += [rec("fitnet", "method", s, ap) for s, ap in enumerate([0.41, 0.42, 0.40])]
     records += [rec("tm1.25", "time_matched", s, ap, iters=375) for s, ap in enumerate([0.44, 0.45, 0.43])]
-    pair = {"name": "frcnn", "teacher": "frcnn_r50", "student": "frcnn_r18", "methods": ["kd", "fitnet"],
-            "teacher_iters": 2000, "student_iters": 300, "overrides": [], "student_overrides": [],
-            "method_overrides": {}, "references": {}, "time_matched": True, "feature_methods": ["kd", "fitnet"]}
-    timing = {"frcnn": {"student_step_s": 0.5, "teacher_forward_s": 0.2, "batch_size": 8, "threads": 2,
-                        "rows": {"kd": {"step_s": 0.6, "ratio": 0.6 / 0.7, "ratio_student": 1.2},
-                                 "fitnet": {"step_s": 0.9, "ratio": 0.9 / 0.7, "ratio_student": 1.8}}}}
-    return {"suite": "cpu", "description": "test", "data": {"difficulty": "hard", "train": 10, "val": 5, "size": 64,
-            "seed": 0}, "pairs": [pair], "seeds": 3, "jobs": 1, "threads_per_run": 2,
-            "machine": {"cpu": "x", "cores": 2, "gpu": None, "python": "3", "torch": "2"}, "date": "today",
-            "command": "detkd bench", "records": records, "timing": timing, "wall_s": 3600}
+    pair = {
+        "name": "frcnn",
+        "teacher": "frcnn_r50",
+        "student": "frcnn_r18",
+        "methods": ["kd", "fitnet"],
+        "teacher_iters": 2000,
+        "student_iters": 300,
+        "overrides": [],
+        "student_overrides": [],
+        "method_overrides": {},
+        "references": {},
+        "time_matched": True,
+        "feature_methods": ["kd", "fitnet"],
+    }
+    timing = {
+        "frcnn": {
+            "student_step_s": 0.5,
+            "teacher_forward_s": 0.2,
+            "batch_size": 8,
+            "threads": 2,
+            "rows": {
+                "kd": {"step_s": 0.6, "ratio": 0.6 / 0.7, "ratio_student": 1.2},
+                "fitnet": {"step_s": 0.9, "ratio": 0.9 / 0.7, "ratio_student": 1.8},
+            },
+        }
+    }
+    return {
+        "suite": "cpu",
+        "description": "test",
+        "data": {"difficulty": "hard", "train": 10, "val": 5, "size": 64, "seed": 0},
+        "pairs": [pair],
+        "seeds": 3,
+        "jobs": 1,
+        "threads_per_run": 2,
+        "machine": {"cpu": "x", "cores": 2, "gpu": None, "python": "3", "torch": "2"},
+        "date": "today",
+        "command": "detkd bench",
+        "records": records,
+        "timing": timing,
+        "wall_s": 3600,
+    }
 
 
 def test_aggregate_gains_gap_and_time_matched():

@@ -10,8 +10,15 @@ from detkd.methods.base import MethodConfig, ScheduleConfig
 
 
 def test_overrides_types_and_unknown_keys(tmp_path):
-    cfg = load_config(overrides=["optim.lr=0.01", "train.iters=50", "data.scale_jitter=[0.8, 1.2]",
-                                 "distill.options.fgfi.psi=0.4", "distill.teacher=null"])
+    cfg = load_config(
+        overrides=[
+            "optim.lr=0.01",
+            "train.iters=50",
+            "data.scale_jitter=[0.8, 1.2]",
+            "distill.options.fgfi.psi=0.4",
+            "distill.teacher=null",
+        ]
+    )
     assert cfg.optim.lr == 0.01 and cfg.train.iters == 50 and cfg.data.scale_jitter == [0.8, 1.2]
     assert cfg.distill.options == {"fgfi": {"psi": 0.4}} and cfg.distill.teacher is None
     with pytest.raises(ConfigError, match="unknown key"):

@@ -111,11 +111,7 @@ def method_pictures(run: Path, cfg: Any, dataset: Any, out: Path) -> list[Path]:
         batch, tgts = student.preprocess(list(images), list(targets))
         t_out = model.run_teacher(batch)
         s_out = student(batch, tgts)
-        first = (
-            unnormalize(batch.tensors[0], student.model.transform.image_mean, student.model.transform.image_std)
-            if hasattr(student, "model")
-            else batch.tensors[0]
-        )
+        first = unnormalize(batch.tensors[0], student.transform.image_mean, student.transform.image_std)
         paths = []
         for name, distiller in distillers.items():
             distiller(s_out, t_out, tgts, cfg.train.iters // 2)  # some pictures use state set in forward

@@ -44,8 +44,9 @@ def test_box_masks_cell_centres_and_small_boxes():
     # A 1-pixel box covers no centre; the cell holding its centre is still marked.
     assert m[1].nonzero().tolist() == [[3, 3]]
     assert m[2].sum() == 0
-    painted = box_masks([torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 16.0, 16.0]])], (4, 4), 4,
-                        values=[torch.tensor([0.3, 0.8])])
+    painted = box_masks(
+        [torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 16.0, 16.0]])], (4, 4), 4, values=[torch.tensor([0.3, 0.8])]
+    )
     assert painted[0, 1, 1] == pytest.approx(0.8)  # overlap keeps the max
     assert painted[0, 0, 0] == pytest.approx(0.3)
 

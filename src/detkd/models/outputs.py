@@ -60,6 +60,8 @@ class Detector(nn.Module):
         num_classes: number of foreground classes ``C``; labels are ``1..C``.
         feature_info: the levels :meth:`extract` returns.
         spec: JSON-able build arguments; ``build_detector(**spec)`` rebuilds the same architecture.
+        transform: the input transform (torchvision's ``GeneralizedRCNNTransform``: ``image_mean``,
+            ``image_std``, resizing and batching) that :meth:`preprocess` applies.
     """
 
     kind: str = ""

@@ -39,6 +39,11 @@ class _TorchvisionDetector(Detector):
         self.feature_info = backbone.feature_info
         self.spec = spec
 
+    @property
+    def transform(self) -> nn.Module:
+        """torchvision's ``GeneralizedRCNNTransform``: normalisation, resizing and batching."""
+        return self.model.transform
+
     def preprocess(
         self, images: list[Tensor], targets: list[dict] | None = None
     ) -> tuple[ImageList, list[dict] | None]:
