@@ -101,12 +101,22 @@ class Suite:
 
 SEED_METHODS = ("tar", "gkd", "ida", "lgd", "detrdistill")
 FEATURE_LOGIT = ["fitnet", "kd", "fgfi", "defeat", "kd+fitnet"]
+# Recipes for students that do not train well with the SGD default (see configs/): DETRs and 1-bit networks want
+# AdamW and their own clipping.
 DETR = [
     "optim.name=adamw",
-    "optim.lr=0.0002",
+    "optim.lr=0.001",
     "optim.weight_decay=0.0001",
-    "optim.clip_grad_norm=0.1",
+    "optim.steps=[0.8]",
     "optim.warmup_iters=50",
+    "optim.clip_grad_norm=0.1",
+]
+BINARY = [
+    "model.binary_neck=true",
+    "optim.name=adamw",
+    "optim.lr=0.001",
+    "optim.weight_decay=0.0001",
+    "optim.clip_grad_norm=7.0",
 ]
 
 SUITES: dict[str, Suite] = {
@@ -184,10 +194,10 @@ SUITES: dict[str, Suite] = {
                 ["ida"],
                 2000,
                 300,
-                student_overrides=["model.binary_neck=true"],
+                student_overrides=BINARY,
                 references={"real_r18": ("frcnn_r18", [])},
             ),
-            Pair("detr", "deformable_detr_r50", "deformable_detr_r18", ["detrdistill"], 3000, 600, overrides=DETR),
+            Pair("detr", "deformable_detr_r50", "deformable_detr_r18", ["detrdistill"], 2000, 500, overrides=DETR),
         ],
         seeds=3,
     ),
@@ -224,7 +234,7 @@ SUITES: dict[str, Suite] = {
                 12000,
                 3000,
                 overrides=["model.min_size=256", "model.max_size=256", "data.batch_size=16"],
-                student_overrides=["model.binary_neck=true"],
+                student_overrides=BINARY,
                 references={"real_r18": ("frcnn_r18", [])},
             ),
             Pair(
@@ -336,9 +346,22 @@ class Bench:
         return self.cache / "teachers" / f"{pair.teacher}-{key}"
 
     def run_dir(self, spec: RunSpec) -> Path:
+        """A run's folder, keyed by everything that defines the run: a changed setting never reuses old results."""
+        pair = self._pair(spec.pair)
         if spec.kind == "teacher":
-            return self.teacher_dir(self._pair(spec.pair))
-        return self.root / "runs" / spec.pair / spec.row / f"seed{spec.seed}"
+            return self.teacher_dir(pair)
+        teacher = self.teacher_dir(pair).name if pair.teacher and spec.command == "distill" else None
+        key = _hash(
+            {
+                "data": asdict(self.suite.data),
+                "model": spec.model,
+                "iters": spec.iters,
+                "overrides": spec.overrides,
+                "methods": spec.methods,
+                "teacher": teacher,
+            }
+        )
+        return self.root / "runs" / spec.pair / spec.row / f"seed{spec.seed}-{key}"
 
     def _pair(self, name: str) -> Pair:
         return next(p for p in self.suite.pairs if p.name == name)
@@ -353,8 +376,11 @@ class Bench:
         """Teachers first, then per seed: baseline, references, methods (time-matched runs come later)."""
         specs: list[RunSpec] = []
         eval_cap = [f"data.val_max_images={self.suite.eval_images}"] if self.suite.eval_images else []
+        teachers: set[Path] = set()
         for pair in self.suite.pairs:
-            if pair.teacher and any(self._needs_teacher(m) for m in self._method_rows(pair)):
+            needed = pair.teacher and any(self._needs_teacher(m) for m in self._method_rows(pair))
+            if needed and self.teacher_dir(pair) not in teachers:  # pairs may share a teacher
+                teachers.add(self.teacher_dir(pair))
                 specs.append(
                     RunSpec(
                         pair.name,
@@ -546,7 +572,8 @@ class Bench:
 
         timing = {}
         for pair in self.suite.pairs:
-            baseline = self.root / "runs" / pair.name / "baseline" / "seed0" / "student.pt"
+            specs = {(s.row, s.seed): s for s in self.plan() if s.pair == pair.name}
+            baseline = self.run_dir(specs[("baseline", 0)]) / "student.pt"
             teacher = self.teacher_dir(pair) / "student.pt" if pair.teacher else None
             if not baseline.exists():
                 continue
@@ -559,7 +586,7 @@ class Bench:
                 rows=rows,
                 overrides=pair.overrides + pair.student_overrides,
                 steps=self.suite.timing_steps,
-                references={k: self.root / "runs" / pair.name / k / "seed0" / "student.pt" for k in pair.references},
+                references={k: self.run_dir(specs[(k, 0)]) / "student.pt" for k in pair.references},
             )
         return timing
 
