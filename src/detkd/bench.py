@@ -97,6 +97,7 @@ class Suite:
     time_grid: float = 0.25  # time-matched iterations: baseline iters x ratio rounded up to this grid
     timing_steps: int = 12
     eval_images: int | None = None
+    speed: list[str] = field(default_factory=list)  # detectors whose step time and latency are tabulated
 
 
 SEED_METHODS = ("tar", "gkd", "ida", "lgd", "detrdistill")
@@ -200,6 +201,17 @@ SUITES: dict[str, Suite] = {
             Pair("detr", "deformable_detr_r50", "deformable_detr_r18", ["detrdistill"], 2000, 500, overrides=DETR),
         ],
         seeds=3,
+        speed=[
+            "frcnn_r18",
+            "frcnn_r50",
+            "retinanet_r18",
+            "retinanet_r50",
+            "fcos_r18",
+            "fcos_r50",
+            "frcnn_bireal18",
+            "deformable_detr_r18",
+            "deformable_detr_r50",
+        ],
     ),
     "gpu": Suite(
         "gpu",
@@ -568,9 +580,14 @@ class Bench:
     # ----- timing
     def measure(self) -> dict[str, Any]:
         """Step times in one process, interleaved: student step, teacher forward, each method's step, latency."""
-        from detkd.bench_timing import time_pair
+        from detkd.bench_timing import time_detectors, time_pair
 
-        timing = {}
+        timing: dict[str, Any] = {}
+        if self.suite.speed:
+            log.info("timing detectors: %s", ", ".join(self.suite.speed))
+            timing["_detectors"] = time_detectors(
+                self.data_dir, self.suite.speed, self.suite.pairs[0].overrides, self.suite.timing_steps
+            )
         for pair in self.suite.pairs:
             specs = {(s.row, s.seed): s for s in self.plan() if s.pair == pair.name}
             baseline = self.run_dir(specs[("baseline", 0)]) / "student.pt"

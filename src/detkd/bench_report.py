@@ -218,6 +218,21 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
         for path in plots.get(pair["name"], []):
             lines += ["", f"![{path.stem}]({os.path.relpath(path, base)})"]
         lines.append("")
+    speed = timing.get("_detectors")
+    if speed:
+        lines += [
+            "## Detector speed",
+            "",
+            f"Freshly built slim detectors (random weights), batch {speed['batch_size']} of {speed['size']}-px images, "
+            f"{speed['threads']} threads; median of {speed['steps']} interleaved training steps (forward, backward, "
+            "SGD step) and of 10 one-image predictions.",
+            "",
+            "| detector | params | train step s | predict ms (1 image) |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, d in speed["detectors"].items():
+            lines.append(f"| {name} | {d['params'] / 1e6:.1f} M | {d['step_s']:.3f} | {d['latency_ms']:.1f} |")
+        lines.append("")
     lines += ["## Goals", "", "| goal | met | evidence |", "|---|:---:|---|"]
     for goal, ok, evidence in goals(results):
         lines.append(f"| {goal} | {'–' if ok is None else 'yes' if ok else '**no**'} | {evidence} |")

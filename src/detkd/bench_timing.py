@@ -163,3 +163,70 @@ def time_pair(
         if result["cost"][name] is not None:
             result["cost"][name]["latency_ms"] = result["latency_ms"][name]
     return result
+
+
+def time_detectors(data: Path, names: list[str], overrides: list[str], steps: int = 10) -> dict[str, Any]:
+    """Training-step time (batch from the suite's data) and one-image predict latency of freshly built detectors,
+    interleaved in one process like :func:`time_pair`. Detector-specific recipes do not change a step's cost much,
+    so every detector runs with the suite's plain settings."""
+    from detkd.config import load_config
+    from detkd.data import build_dataset, build_train_loader, build_transforms
+    from detkd.distill import DistillModel
+    from detkd.engine.launch import build_optimizer
+    from detkd.models import build_detector
+
+    cfg = load_config(overrides=overrides)
+    train_set = build_dataset(data, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
+    loader = build_train_loader(train_set, cfg.data.batch_size, seed=1234)
+    batches = [next(loader) for _ in range(3)]
+    steps_fns, models = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        binary = "bireal" in name
+        det = build_detector(
+            name,
+            len(train_set.classes),
+            preset=cfg.model.preset,
+            min_size=cfg.model.min_size,
+            max_size=cfg.model.max_size,
+            binary_neck=binary,
+        )
+        model = DistillModel(det, None, {})
+        optimizer = build_optimizer(cfg.optim, model)
+        state = {"i": 0}
+
+        def step(model=model, optimizer=optimizer, state=state) -> None:
+            images, targets = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            model.train()
+            losses, _ = model(images, targets, step=500)
+            optimizer.zero_grad(set_to_none=True)
+            torch.stack([v.float() for v in losses.values()]).sum().backward()
+            optimizer.step()
+
+        label = name + (" (binary neck)" if binary else "")
+        steps_fns[label], models[label] = step, det
+    for fn in steps_fns.values():
+        fn()
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in steps_fns}
+    for _ in range(steps):
+        for key, fn in steps_fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[key].append(time.perf_counter() - start)
+    image = [batches[0][0][0]]
+    return {
+        "batch_size": cfg.data.batch_size,
+        "size": cfg.model.min_size,
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "detectors": {
+            key: {
+                "step_s": statistics.median(samples[key]),
+                "latency_ms": 1000 * _median_time(lambda m=models[key]: m.predict(image), 10),
+                "params": sum(p.numel() for p in models[key].parameters()),
+            }
+            for key in steps_fns
+        },
+    }
