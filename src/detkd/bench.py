@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detkd.errors import ConfigError, DetkdError
+from detkd.errors import ConfigError
 
 log = logging.getLogger("detkd")
 
@@ -373,7 +373,10 @@ class Bench:
                 "teacher": teacher,
             }
         )
-        return self.root / "runs" / spec.pair / spec.row / f"seed{spec.seed}-{key}"
+        # Content-addressed: two rows with identical settings (e.g. a reference student that equals another pair's
+        # baseline) share one run.
+        name = spec.model + ("+" + "+".join(spec.methods) if spec.methods else "")
+        return self.root / "runs" / name / key / f"seed{spec.seed}"
 
     def _pair(self, name: str) -> Pair:
         return next(p for p in self.suite.pairs if p.name == name)
@@ -572,10 +575,14 @@ class Bench:
         return records
 
     def _parallel(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
+        # Rows with identical settings share a run folder: train it once, then record it under each row.
+        unique = list({self.run_dir(s): s for s in specs}.values())
         if self.jobs == 1:
-            return [self._launch(s) for s in specs]
-        with ThreadPoolExecutor(self.jobs) as pool:
-            return list(pool.map(self._launch, specs))
+            list(map(self._launch, unique))
+        else:
+            with ThreadPoolExecutor(self.jobs) as pool:
+                list(pool.map(self._launch, unique))
+        return [self._launch(s) for s in specs]  # finished runs are only read back
 
     # ----- timing
     def measure(self) -> dict[str, Any]:
@@ -613,7 +620,7 @@ class Bench:
         start = time.perf_counter()
         specs = self.plan()
         records = self.run_all(specs)
-        self.save({"records": records})
+        self.save({"records": records, "complete": False})
         timing = self.measure()
         tm = self.time_matched_specs(timing)
         records += self._parallel(tm)
@@ -623,6 +630,7 @@ class Bench:
                 "timing": timing,
                 "time_matched_planned": len(tm),
                 "wall_s": round(time.perf_counter() - start, 1),
+                "complete": True,
             }
         )
         return results
@@ -643,8 +651,7 @@ class Bench:
             "command": "detkd " + " ".join(sys.argv[1:]) if sys.argv and "detkd" in sys.argv[0] else "detkd bench",
             **partial,
         }
-        if "timing" in partial:
-            results["table"] = aggregate(results)
+        results["table"] = aggregate(results)
         self.results_path.write_text(json.dumps(json_safe(results), indent=2))
         return results
 
@@ -782,8 +789,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not bench.results_path.exists():
             raise ConfigError(f"{bench.results_path} not found: run `detkd bench --suite {suite.name}` first")
         results = json.loads(bench.results_path.read_text())
-        if "table" not in results:
-            raise DetkdError(f"{bench.results_path} is from an unfinished suite (no timing yet); rerun the suite")
         plots = write_plots(results, Path(args.render).parent / "docs" / "bench" / suite.name)
         Path(args.render).write_text(render_markdown(results, plots, Path(args.render).parent))
         print(f"wrote {args.render}")

@@ -237,14 +237,18 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
     for goal, ok, evidence in goals(results):
         lines.append(f"| {goal} | {'–' if ok is None else 'yes' if ok else '**no**'} | {evidence} |")
     failed = [r for r in results["records"] if r.get("failed")]
-    n_runs = len(results["records"])
+    runs = {r["run"]: r for r in results["records"]}  # rows sharing a run folder count once
+    train_h = sum(r.get("train_time_s") or 0 for r in runs.values()) / 3600
     lines += [
         "",
         "## What ran",
         "",
-        f"{n_runs} training runs ({len(failed)} failed), total wall time "
-        f"{results.get('wall_s', 0) / 3600:.1f} h. Command: `{results['command']}`.",
+        f"{len(runs)} training runs ({len(failed)} failed); their training steps took {train_h:.1f} h in all "
+        f"(sum over runs, {results['jobs']} at a time); the last `detkd bench` invocation took "
+        f"{results.get('wall_s', 0) / 3600:.1f} h of wall time. Command: `{results['command']}`.",
     ]
+    if not results.get("complete", True):
+        lines.append("**This suite is incomplete**: runs or the timing phase are still missing.")
     for r in failed:
         lines.append(f"- failed: {r['pair']}/{r['row']} seed {r['seed']}: {r.get('error')}")
     return "\n".join(lines) + "\n"
