@@ -297,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--split", default="val", help="split name (default val)")
     p.add_argument("--format", default="auto", choices=["auto", "coco", "voc", "yolo"], help="dataset layout")
-    p.add_argument("--metric", default="coco", choices=["coco", "voc"], help="COCO mAP or VOC mAP@0.5")
+    p.add_argument(
+        "--metric",
+        default="coco",
+        choices=["coco", "voc", "voc07"],
+        help="COCO mAP, VOC mAP@0.5 (area) or VOC07 11-point",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-images", type=int, help="evaluate the first N images only")
     p.add_argument("--device", default="auto")
