@@ -16,7 +16,7 @@ and ``kd_feat`` is the mean of ``L_l`` over levels (the code's ``hint_neck_w = 0
 The 1-bit weights' reconstruction loss (the paper's ``mu * L_R``) lives in the binary layers' backward, see
 ``detkd.models.binary``.
 
-Options (paper vs official code, see specs/ida_det_and_gkd.md section 1):
+Options (the paper and the official code differ; both are available):
 
 - ``discrepancy``: ``code`` (default, the official code) scores a pair by ``sum_c |d_t,c - d_s,c|`` with
   ``d_c = mean^2 / var`` of the channel's softmax (an inverse-variance heuristic); ``mahalanobis`` is the
@@ -28,7 +28,7 @@ Options (paper vs official code, see specs/ida_det_and_gkd.md section 1):
   kept pair's ``patch x patch`` crops with the variance of each pair and channel estimated as ``|Cov(s', t)|``
   over the crop (detached, floored at ``cov_floor`` times its batch mean); the ``log Cov`` term is then a constant
   and is left out, so the term is zero when the features match.
-- ``geometry``: ``box`` (default, recommended by the spec) crops and masks each box where it is; ``band``
+- ``geometry``: ``box`` (default: the paper's intent) crops and masks each box where it is; ``band``
   reproduces the official code's mask: coordinates normalised by the unpadded image but scaled by the padded map,
   x and y swapped, and two full-width bands of rows marked per kept box (patches of 1 cell or less score 0).
 - ``log_norm``: ``numel`` (default, the code) scales the ``log sigma^2`` term by ``numel / |M|``; ``masked``

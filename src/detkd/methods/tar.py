@@ -26,8 +26,8 @@ dense-logit term, the sigmoid analogue used by ``kd`` (per-class Bernoulli KL at
 divided by the teacher's soft count of objects); there is no ``kd_reg`` and no RoI gate for them.
 
 **Reconstructions.** The paper's full text was not available to this implementation; only its abstract and
-secondary sources were (see the project's spec for LGD and TAR, section 2). Every choice marked [R] below is a
-reconstruction, not read from the paper, and is an option with the spec's default:
+secondary sources were (later papers describing TADF's Gaussian mask and decay). Every choice marked [R] below is a
+reconstruction, not read from the paper, and is an option whose default is the most plausible reading:
 
 - ``beta`` = 0.25 [R]: sigma per axis as a fraction of the box size (the mask is e^-2 at a box edge);
 - ``levels`` = every level both detectors have [R]; ``kernel`` = 3, the adapter's conv kernel [R];
