@@ -32,6 +32,28 @@ def test_every_suite_plans_registered_detectors_and_methods(suite, tmp_path):
         assert len({tuple(v) for v in seeds.values()}) == 1
 
 
+def test_pairs_filter_plans_only_those_pairs_and_names_bad_ones(tmp_path):
+    from detkd.errors import ConfigError
+
+    bench = Bench(SUITES["cpu"], tmp_path, pairs=["retinanet"])
+    specs = bench.plan()
+    assert {s.pair for s in specs} == {"retinanet"}
+    assert not any(s.kind == "teacher" for s in specs)  # the retinanet pair of the cpu suite is teacher-free
+    with pytest.raises(ConfigError, match="no pair nope"):
+        Bench(SUITES["cpu"], tmp_path, pairs=["nope"])
+
+
+def test_teacher_free_rows_run_with_teachers_and_distillation_after(tmp_path, monkeypatch):
+    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["frcnn", "retinanet"], methods=["kd", "lgd"])
+    batches = []
+    monkeypatch.setattr(bench, "_parallel", lambda specs: batches.append(specs) or [])
+    bench.run_all(bench.plan())
+    first, second = ([(s.pair, s.row) for s in b] for b in batches)
+    assert first[0] == ("frcnn", "teacher")
+    assert {("frcnn", "baseline"), ("retinanet", "baseline"), ("retinanet", "lgd")} <= set(first)
+    assert second == [("frcnn", "kd")]
+
+
 def fake_results() -> dict:
     def rec(row, kind, seed, ap, model="frcnn_r18", iters=300):
         return {
@@ -88,6 +110,7 @@ def fake_results() -> dict:
         "data": {"difficulty": "hard", "train": 10, "val": 5, "size": 64, "seed": 0},
         "pairs": [pair],
         "seeds": 3,
+        "time_grid": 0.25,
         "jobs": 1,
         "threads_per_run": 2,
         "machine": {"cpu": "x", "cores": 2, "gpu": None, "python": "3", "torch": "2"},

@@ -120,6 +120,23 @@ BINARY = [
     "optim.clip_grad_norm=7.0",
 ]
 
+# Feature-imitation terms are sums of squares over channels: against a teacher trained from scratch they start
+# 10 to 10^4 times larger than the detection loss (about 1-3 at step 10) and, at the papers' weights, swamp it (the
+# gradient norm is then the clip value at every step). Each method's feature terms get one factor, 10^-round(log10 F),
+# where F is the method's weighted feature loss at step 10 of a 60-step R18 run against the R50 teacher halfway
+# through its schedule (fitnet 16, fgfi 843, defeat 640 fg + 4 x 2800 bg, tar 870, gkd 2.6 fg + 4 x 43 bg); the
+# ratios between a method's own terms and its soft-label weights stay the papers'. Measured once, not tuned on val.
+FEATURE_SCALE = {
+    "fitnet": ["distill.weights.fitnet=0.1"],
+    "fgfi": ["distill.weights.fgfi=0.001"],
+    "defeat": [
+        "distill.options.defeat.term_weights.kd_feat_fg=0.0001",
+        "distill.options.defeat.term_weights.kd_feat_bg=0.0004",
+    ],
+    "tar": ["distill.options.tar.term_weights.kd_feat=0.001"],
+    "gkd": ["distill.options.gkd.term_weights.kd_feat_fg=0.01", "distill.options.gkd.term_weights.kd_feat_bg=0.04"],
+}
+
 SUITES: dict[str, Suite] = {
     "smoke": Suite(
         "smoke",
@@ -177,16 +194,21 @@ SUITES: dict[str, Suite] = {
                 ["tar", "gkd", "fitnet", "kd", "fgfi", "defeat"],
                 2000,
                 300,
+                method_overrides=FEATURE_SCALE,
                 feature_methods=["fitnet", "kd", "fgfi", "defeat"],
             ),
+            # Teacher-free: a 2-core CPU has room for one R50 teacher per suite, shared by the frcnn and binary pairs.
+            # LGD's recipe clips gradient values (baseline too, for a fair comparison); from scratch its backbone
+            # freeze only delays training (configs/retinanet_r18_lgd.yaml).
             Pair(
                 "retinanet",
-                "retinanet_r50",
+                None,
                 "retinanet_r18",
-                ["gkd", "fitnet", "kd", "lgd"],
-                2000,
+                ["lgd"],
+                0,
                 300,
-                feature_methods=["fitnet", "kd"],
+                overrides=["optim.clip_grad_value=1.0"],
+                method_overrides={"lgd": ["distill.options.lgd.freeze_backbone_frac=0.0"]},
             ),
             Pair(
                 "binary",
@@ -201,6 +223,7 @@ SUITES: dict[str, Suite] = {
             Pair("detr", "deformable_detr_r50", "deformable_detr_r18", ["detrdistill"], 2000, 500, overrides=DETR),
         ],
         seeds=3,
+        time_grid=0.5,  # coarse: fewer same-wall-clock baselines, each rounded up (in the baseline's favour)
         speed=[
             "frcnn_r18",
             "frcnn_r50",
@@ -226,6 +249,7 @@ SUITES: dict[str, Suite] = {
                 12000,
                 3000,
                 overrides=["model.min_size=256", "model.max_size=256", "data.batch_size=16"],
+                method_overrides=FEATURE_SCALE,
                 feature_methods=["fitnet", "kd", "fgfi", "defeat"],
             ),
             Pair(
@@ -319,6 +343,7 @@ class Bench:
         out: root folder (``<out>/<suite>`` for runs and results, ``<out>/cache`` for data and teachers).
         seeds: override the suite's seed count.
         methods: restrict method rows to these (baselines, teachers and references always run).
+        pairs: restrict the suite to these teacher-student pairs (default: all).
         jobs: training runs at a time (each gets ``threads`` CPU threads).
         threads: CPU threads per run (default: all cores / jobs).
     """
@@ -329,6 +354,7 @@ class Bench:
         out: Path,
         seeds: int | None = None,
         methods: list[str] | None = None,
+        pairs: list[str] | None = None,
         jobs: int = 1,
         threads: int | None = None,
     ):
@@ -337,6 +363,11 @@ class Bench:
         self.cache = out / "cache"
         self.seeds = seeds or suite.seeds
         self.only = methods
+        unknown = sorted(set(pairs or []) - {p.name for p in suite.pairs})
+        if unknown:
+            names = ", ".join(p.name for p in suite.pairs)
+            raise ConfigError(f"suite {suite.name} has no pair {', '.join(unknown)} (it has: {names})")
+        self.pairs = [p for p in suite.pairs if not pairs or p.name in pairs]
         self.jobs = max(1, jobs)
         self.threads = threads or max(1, (os.cpu_count() or 1) // self.jobs)
         self.results_path = self.root / "results.json"
@@ -379,7 +410,7 @@ class Bench:
         return self.root / "runs" / name / key / f"seed{spec.seed}"
 
     def _pair(self, name: str) -> Pair:
-        return next(p for p in self.suite.pairs if p.name == name)
+        return next(p for p in self.pairs if p.name == name)
 
     def _method_rows(self, pair: Pair) -> list[str]:
         rows = list(pair.methods)
@@ -392,7 +423,7 @@ class Bench:
         specs: list[RunSpec] = []
         eval_cap = [f"data.val_max_images={self.suite.eval_images}"] if self.suite.eval_images else []
         teachers: set[Path] = set()
-        for pair in self.suite.pairs:
+        for pair in self.pairs:
             needed = pair.teacher and any(self._needs_teacher(m) for m in self._method_rows(pair))
             if needed and self.teacher_dir(pair) not in teachers:  # pairs may share a teacher
                 teachers.add(self.teacher_dir(pair))
@@ -410,7 +441,7 @@ class Bench:
                     )
                 )
         for seed in range(self.seeds):
-            for pair in self.suite.pairs:
+            for pair in self.pairs:
                 student = pair.overrides + pair.student_overrides + eval_cap
                 specs.append(
                     RunSpec(pair.name, "baseline", "baseline", "train", pair.student, pair.student_iters, seed, student)
@@ -456,7 +487,7 @@ class Bench:
         """Baselines trained for as long (in wall-clock) as each method's runs, from the measured ratios."""
         specs = []
         eval_cap = [f"data.val_max_images={self.suite.eval_images}"] if self.suite.eval_images else []
-        for pair in self.suite.pairs:
+        for pair in self.pairs:
             if not pair.time_matched:
                 continue
             grid = sorted({self.tm_factor(timing, pair.name, row) for row in self._method_rows(pair)} - {None})
@@ -563,15 +594,15 @@ class Bench:
         }
 
     def run_all(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
-        teachers = [s for s in specs if s.kind == "teacher"]
-        others = [s for s in specs if s.kind != "teacher"]
-        records = [self._launch(s) for s in teachers] if self.jobs == 1 else self._parallel(teachers)
-        failed_teachers = {r["pair"] for r in records if r.get("failed")}
-        for pair in self.suite.pairs:  # pairs sharing a teacher checkpoint share its failure too
+        """Teachers first; rows that need no teacher run alongside them; distillation rows once teachers are done."""
+        needs = [s for s in specs if s.command == "distill" and self._needs_teacher("+".join(s.methods))]
+        first = [s for s in specs if s.kind == "teacher"] + [s for s in specs if s.kind != "teacher" and s not in needs]
+        records = self._parallel(first)
+        failed_teachers = {r["pair"] for r in records if r.get("failed") and r["kind"] == "teacher"}
+        for pair in self.pairs:  # pairs sharing a teacher checkpoint share its failure too
             if pair.teacher and any(self.teacher_dir(pair) == self.teacher_dir(self._pair(p)) for p in failed_teachers):
                 failed_teachers.add(pair.name)
-        runnable = [s for s in others if not (s.command == "distill" and s.pair in failed_teachers)]
-        records += self._parallel(runnable)
+        records += self._parallel([s for s in needs if s.pair not in failed_teachers])
         return records
 
     def _parallel(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
@@ -595,7 +626,7 @@ class Bench:
             timing["_detectors"] = time_detectors(
                 self.data_dir, self.suite.speed, self.suite.pairs[0].overrides, self.suite.timing_steps
             )
-        for pair in self.suite.pairs:
+        for pair in self.pairs:
             specs = {(s.row, s.seed): s for s in self.plan() if s.pair == pair.name}
             baseline = self.run_dir(specs[("baseline", 0)]) / "student.pt"
             teacher = self.teacher_dir(pair) / "student.pt" if pair.teacher else None
@@ -622,6 +653,7 @@ class Bench:
         records = self.run_all(specs)
         self.save({"records": records, "complete": False})
         timing = self.measure()
+        self.save({"records": records, "timing": timing, "complete": False})
         tm = self.time_matched_specs(timing)
         records += self._parallel(tm)
         results = self.save(
@@ -642,8 +674,10 @@ class Bench:
             "suite": self.suite.name,
             "description": self.suite.description,
             "data": asdict(self.suite.data),
-            "pairs": [asdict(p) for p in self.suite.pairs],
+            "pairs": [asdict(p) for p in self.pairs],
+            "pairs_not_run": [p.name for p in self.suite.pairs if p not in self.pairs],
             "seeds": self.seeds,
+            "time_grid": self.suite.time_grid,
             "jobs": self.jobs,
             "threads_per_run": self.threads,
             "machine": machine_info(),
@@ -695,7 +729,7 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
     records = [r for r in results["records"] if not r.get("failed")]
     timing = results.get("timing", {})
     suite = SUITES.get(results["suite"])
-    grid = suite.time_grid if suite else 0.25
+    grid = results.get("time_grid") or (suite.time_grid if suite else 0.25)
     table = []
     for pair in results["pairs"]:
         name = pair["name"]
@@ -770,6 +804,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--suite", default="smoke", choices=sorted(SUITES), help="which suite (default smoke)")
     p.add_argument("--methods", help="comma-separated method rows to run (default: all of the suite)")
+    p.add_argument("--pairs", help="comma-separated teacher-student pairs to run (default: all of the suite)")
     p.add_argument("--seeds", type=int, help="seeds per row (default: the suite's)")
     p.add_argument("--out", default="bench", help="output root (default bench/)")
     p.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1)")
@@ -784,7 +819,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     suite = SUITES[args.suite]
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    bench = Bench(suite, Path(args.out), seeds=args.seeds, methods=methods, jobs=args.jobs, threads=args.threads)
+    pairs = [p.strip() for p in args.pairs.split(",")] if args.pairs else None
+    bench = Bench(
+        suite, Path(args.out), seeds=args.seeds, methods=methods, pairs=pairs, jobs=args.jobs, threads=args.threads
+    )
     if args.render:
         if not bench.results_path.exists():
             raise ConfigError(f"{bench.results_path} not found: run `detkd bench --suite {suite.name}` first")

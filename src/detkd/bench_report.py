@@ -176,6 +176,9 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
                 else ""
             )
             + ". "
+            + "".join(
+                f"`{m}` runs with `{' '.join(o)}`. " for m, o in (pair.get("method_overrides") or {}).items() if o
+            )
             + (
                 f"Student step {t['student_step_s']:.3f} s, teacher forward "
                 f"{_num(t.get('teacher_forward_s'), '.3f')} s (batch {t['batch_size']}, {t['threads']} threads)."
@@ -247,6 +250,11 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
         f"(sum over runs, {results['jobs']} at a time); the last `detkd bench` invocation took "
         f"{results.get('wall_s', 0) / 3600:.1f} h of wall time. Command: `{results['command']}`.",
     ]
+    if results.get("pairs_not_run"):
+        lines.append(
+            f"Pairs of the suite not run here: {', '.join(results['pairs_not_run'])} (`--pairs` chose the others); "
+            f"{results['seeds']} seed(s) per row."
+        )
     if not results.get("complete", True):
         lines.append("**This suite is incomplete**: runs or the timing phase are still missing.")
     for r in failed:
