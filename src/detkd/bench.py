@@ -197,17 +197,17 @@ SUITES: dict[str, Suite] = {
                 method_overrides=FEATURE_SCALE,
                 feature_methods=["fitnet", "kd", "fgfi", "defeat"],
             ),
-            # Teacher-free: a 2-core CPU has room for one R50 teacher per suite, shared by the frcnn and binary pairs.
-            # LGD's recipe clips gradient values (baseline too, for a fair comparison); from scratch its backbone
-            # freeze only delays training (configs/retinanet_r18_lgd.yaml).
+            # Teacher-free LGD on the same R18 student: its baseline and same-wall-clock runs are the frcnn pair's
+            # (shared run folders). A slim RetinaNet trained from scratch is still at 0 mAP after 300 steps on the
+            # hard digits (measured), too early to compare anything, so the RetinaNet pairs are in the gpu suite
+            # only. From scratch, LGD's backbone freeze only delays training.
             Pair(
-                "retinanet",
+                "lgd",
                 None,
-                "retinanet_r18",
+                "frcnn_r18",
                 ["lgd"],
                 0,
                 300,
-                overrides=["optim.clip_grad_value=1.0"],
                 method_overrides={"lgd": ["distill.options.lgd.freeze_backbone_frac=0.0"]},
             ),
             Pair(
