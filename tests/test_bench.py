@@ -151,7 +151,7 @@ def test_goals_and_markdown(tmp_path):
     }
     md = render_markdown(results, {}, tmp_path)
     assert "| kd | 300 | 0.480 ± 0.010" in md
-    assert "**no**" in md and "not in this suite" in md
+    assert "**no**" in md and "not run here" in md
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ def goals(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     for name in SEED_METHODS:
         rows = [e for e in methods if e["row"] == name]
         if not rows:
-            out.append((f"`{name}` beats its baseline by > 2 std of the baseline's seeds", None, "not in this suite"))
+            out.append((f"`{name}` beats its baseline by > 2 std of the baseline's seeds", None, "not run here"))
             continue
         for e in rows:
             base = next(b for b in table if b["pair"] == e["pair"] and b["row"] == "baseline")
