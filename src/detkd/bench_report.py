@@ -154,7 +154,8 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
         f"{results['threads_per_run']} CPU thread(s) each. Metrics on the full val split.",
         "- **Columns:** mAP = COCO mAP@[.5:.95] (mean ± std over seeds); gain = method − baseline (same schedule); "
         "gain (time) = method − baseline trained for the same wall-clock time (the baseline's iterations × the "
-        "method's measured step-time ratio, rounded up to a 0.25 grid: row `tmX`); gap closed = gain / (teacher − "
+        f"method's measured step-time ratio, rounded up to a {results.get('time_grid', 0.25):g} grid: row `tmX`; "
+        "a method no slower than the student is compared with the baseline itself); gap closed = gain / (teacher − "
         "baseline); step ratio = method step / (student step + teacher forward), medians of interleaved steps "
         "measured in one process (`×S` = relative to the student step alone).",
         "",
@@ -169,7 +170,8 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
         lines += [
             f"## {pair['name']}: {pair['teacher'] or '(no teacher)'} → {pair['student']}",
             "",
-            f"Teacher {pair['teacher_iters']} steps; every student row {pair['student_iters']} steps"
+            (f"Teacher {pair['teacher_iters']} steps; every" if pair["teacher"] else "No teacher; every")
+            + f" student row {pair['student_iters']} steps"
             + (
                 f"; overrides `{' '.join(pair['overrides'] + pair['student_overrides'])}`"
                 if pair["overrides"] or pair["student_overrides"]
@@ -247,8 +249,13 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
         "## What ran",
         "",
         f"{len(runs)} training runs ({len(failed)} failed); their training steps took {train_h:.1f} h in all "
-        f"(sum over runs, {results['jobs']} at a time); the last `detkd bench` invocation took "
-        f"{results.get('wall_s', 0) / 3600:.1f} h of wall time. Command: `{results['command']}`.",
+        f"(sum over runs, {results['jobs']} at a time)"
+        + (
+            f"; the last `detkd bench` invocation took {results['wall_s'] / 3600:.1f} h of wall time"
+            if results.get("wall_s")
+            else ""
+        )
+        + f". Command: `{results['command']}`.",
     ]
     if results.get("pairs_not_run"):
         lines.append(
