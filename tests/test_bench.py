@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from detkd.bench import SUITES, Bench, aggregate
 from detkd.bench_report import goals, render_markdown
@@ -139,7 +140,36 @@ def test_aggregate_gains_gap_and_time_matched():
     assert fitnet["time_matched_row"] is None and fitnet["gain_time_matched"] is None
 
 
+def test_diverged_timing_row_gets_no_step_ratio():
+    results = fake_results()
+    results["timing"]["frcnn"]["rows"]["kd"]["nonfinite_steps"] = 3
+    table = {e["row"]: e for e in aggregate(results)}
+    assert table["kd"]["step_ratio"] is None and table["kd"]["time_matched_row"] is None
+    assert table["fitnet"]["step_ratio"] == pytest.approx(0.9 / 0.7)
+
+
+def test_timed_steps_keep_the_weights_even_when_the_loss_blows_up(batch):
+    import detkd.methods  # noqa: F401  (registration)
+    from detkd.bench_timing import frozen_train_step
+    from detkd.config import load_config
+    from detkd.distill import DistillModel, build_distillers
+    from tests.conftest import tiny
+
+    student, teacher = tiny("frcnn_r18"), tiny("frcnn_r18").eval().requires_grad_(False)
+    torch.manual_seed(1)
+    for p in teacher.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))  # a teacher unlike the student: a large feature loss
+    model = DistillModel(student, teacher, build_distillers(["fitnet"], {}, student, teacher), {"fitnet": 1e6})
+    before = {k: v.clone() for k, v in model.trainable_module.named_parameters()}
+    step = frozen_train_step(model, load_config().optim, [batch])
+    assert all(step() for _ in range(3))
+    after = dict(model.trainable_module.named_parameters())
+    assert max(p.grad.abs().max() for p in after.values() if p.grad is not None) > 0  # a real step would move
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_goals_and_markdown(tmp_path):
+
     results = fake_results()
     results["table"] = aggregate(results)
     g = {goal: ok for goal, ok, _ in goals(results)}

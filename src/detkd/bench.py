@@ -642,6 +642,7 @@ class Bench:
                 overrides=pair.overrides + pair.student_overrides,
                 steps=self.suite.timing_steps,
                 references={k: self.run_dir(specs[(k, 0)]) / "student.pt" for k in pair.references},
+                method_overrides=pair.method_overrides,
             )
         return timing
 
@@ -778,13 +779,16 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
                     entry["gap_closed"] = (ap["mean"] - base["mean"]) / gap if gap > 0 else None
                     entry["reaches_teacher"] = ap["mean"] >= teacher["AP"]
                 row_t = t.get("rows", {}).get(row, {})
+                if row_t.get("nonfinite_steps") or t.get("student_nonfinite_steps"):
+                    row_t = {}  # a diverged timed step does different work: its time is not the method's
                 entry["step_s"] = row_t.get("step_s")
                 entry["step_ratio"] = row_t.get("ratio")
                 entry["step_ratio_student"] = row_t.get("ratio_student")
                 factor = None
                 if row_t.get("step_s") and t.get("student_step_s"):
                     factor = max(1.0, math.ceil(row_t["step_s"] / t["student_step_s"] / grid - 1e-9) * grid)
-                tm_row = f"tm{factor:g}" if factor and factor > 1.0 else "baseline"
+                # Without a measured step time there is nothing to match the baseline's time to.
+                tm_row = None if factor is None else f"tm{factor:g}" if factor > 1.0 else "baseline"
                 tm = _stats([r["AP"] for r in mine if r["row"] == tm_row])
                 entry["time_matched_row"] = tm_row if tm["n"] else None
                 entry["gain_time_matched"] = None if tm["mean"] is None else ap["mean"] - tm["mean"]

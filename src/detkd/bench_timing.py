@@ -3,12 +3,18 @@
 The student's training step, the teacher's forward and each method's distillation step run round-robin on the
 same pre-loaded batches, so a slow minute on a shared machine slows all of them alike and their ratios stay
 meaningful. Medians over the timed rounds are reported.
+
+Timed steps do the whole training step (forward, backward, gradient norm, optimiser step) at learning rate 0: the
+weights stay those of the trained checkpoint, so every row does the same work at every step. Letting the copies
+train would let a row's weights drift, and a row whose loss diverges (NaN weights) makes its proposals and NMS
+degenerate and its step *cheaper* than the student's own.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +34,35 @@ def _median_time(fn, repeats: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def frozen_train_step(model: Any, optim_cfg: Any, batches: list[Any], step: int = 500) -> Any:
+    """A function doing one full training step of ``model`` (a DistillModel) on ``batches`` in turn, at learning
+    rate 0 (see the module docstring); it returns whether the step's loss was finite."""
+    from detkd.engine.launch import build_optimizer
+
+    optimizer = build_optimizer(optim_cfg, model)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    clip = optim_cfg.clip_grad_norm or math.inf
+    state = {"i": 0}
+
+    def run() -> bool:
+        images, targets = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        model.train()
+        losses, _ = model(images, targets, step=step)
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for d in model.distillers.values():
+            d.before_optimizer_step(step)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        return bool(torch.isfinite(total))
+
+    return run
 
 
 def model_cost_or_none(detector: Any, size: int) -> dict[str, Any] | None:
@@ -54,12 +89,14 @@ def time_pair(
     overrides: list[str],
     steps: int = 12,
     references: dict[str, Path] | None = None,
+    method_overrides: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Median step times of the student, the teacher forward and each method row; latency and cost per model.
 
     Returns:
         ``student_step_s``, ``teacher_forward_s``, ``rows`` (row -> ``step_s``, ``ratio`` = step / (student step +
-        teacher forward), ``ratio_student`` = step / student step), ``latency_ms`` (model -> one-image predict),
+        teacher forward), ``ratio_student`` = step / student step, ``nonfinite_steps`` = timed steps whose loss was
+        not finite, which makes the row's time meaningless), ``latency_ms`` (model -> one-image predict),
         ``cost`` (model name -> accounting) and ``steps``.
     """
     import detkd.methods  # noqa: F401  (registration)
@@ -67,7 +104,7 @@ def time_pair(
     from detkd.data import build_dataset, build_train_loader, build_transforms
     from detkd.distill import DistillModel, build_distillers
     from detkd.engine.checkpoint import load_detector
-    from detkd.engine.launch import RunContext, build_optimizer
+    from detkd.engine.launch import RunContext
     from detkd.methods.base import METHODS
 
     cfg = load_config(overrides=overrides)
@@ -87,25 +124,20 @@ def time_pair(
         Path("."),
     )
 
-    def trainer_step(model: DistillModel) -> Any:
-        optimizer = build_optimizer(cfg.optim, model)
-        model.train()
-        state = {"i": 0}
+    nonfinite: dict[str, int] = {}
+
+    def trainer_step(key: str, model: DistillModel) -> Any:
+        step_fn = frozen_train_step(model, cfg.optim, batches)
+        nonfinite[key] = 0
 
         def step() -> None:
-            images, targets = batches[state["i"] % len(batches)]
-            state["i"] += 1
-            losses, _ = model(images, targets, step=500)
-            optimizer.zero_grad(set_to_none=True)
-            torch.stack([v.float() for v in losses.values()]).sum().backward()
-            for d in model.distillers.values():
-                d.before_optimizer_step(500)
-            optimizer.step()
+            if not step_fn():
+                nonfinite[key] += 1
 
         return step
 
     plain = DistillModel(copy.deepcopy(student), None, {}, total_iters=1000, iters_per_epoch=100)
-    fns: dict[str, Any] = {"student": trainer_step(plain)}
+    fns: dict[str, Any] = {"student": trainer_step("student", plain)}
     if teacher is not None:
 
         def teacher_forward() -> None:
@@ -119,16 +151,25 @@ def time_pair(
         methods = row.split("+")
         needs_teacher = any(METHODS.get(m).needs_teacher for m in methods)
         s = copy.deepcopy(student)
-        options = {m: cfg.distill.options.get(m, {}) for m in methods if m in cfg.distill.options}
-        distillers = build_distillers(methods, options, s, teacher if needs_teacher else None)
-        model = DistillModel(s, teacher if needs_teacher else None, distillers, total_iters=1000, iters_per_epoch=100)
+        # The row's own settings (weights, options), as its training runs have them.
+        row_cfg = load_config(overrides=overrides + [o for m in methods for o in (method_overrides or {}).get(m, [])])
+        distillers = build_distillers(methods, row_cfg.distill.options, s, teacher if needs_teacher else None)
+        model = DistillModel(
+            s,
+            teacher if needs_teacher else None,
+            distillers,
+            row_cfg.distill.weights,
+            total_iters=1000,
+            iters_per_epoch=100,
+        )
         for d in distillers.values():
             d.on_epoch_start(0, context)
-        fns[row] = trainer_step(model)
+        fns[row] = trainer_step(row, model)
 
     for fn in fns.values():  # warm-up: allocation, lazy init
         fn()
         fn()
+    nonfinite.update({k: 0 for k in nonfinite})
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(steps):
         for key, fn in fns.items():
@@ -141,9 +182,15 @@ def time_pair(
         "student_step_s": med["student"],
         "teacher_forward_s": med.get("teacher"),
         "rows": {
-            row: {"step_s": med[row], "ratio": med[row] / base, "ratio_student": med[row] / med["student"]}
+            row: {
+                "step_s": med[row],
+                "ratio": med[row] / base,
+                "ratio_student": med[row] / med["student"],
+                "nonfinite_steps": nonfinite[row],
+            }
             for row in rows
         },
+        "student_nonfinite_steps": nonfinite["student"],
         "steps": steps,
         "batch_size": cfg.data.batch_size,
         "threads": torch.get_num_threads(),
@@ -159,6 +206,9 @@ def time_pair(
             models[ref.spec["name"]] = ref
     result["latency_ms"] = {name: 1000 * _median_time(lambda m=m: m.predict(image), 10) for name, m in models.items()}
     result["cost"] = {name: model_cost_or_none(m, size) for name, m in models.items()}
+    for key, count in nonfinite.items():
+        if count:
+            log.warning("timing: %s had %d non-finite timed steps; its step time means nothing", key, count)
     for name in result["cost"]:
         if result["cost"][name] is not None:
             result["cost"][name]["latency_ms"] = result["latency_ms"][name]
@@ -172,7 +222,6 @@ def time_detectors(data: Path, names: list[str], overrides: list[str], steps: in
     from detkd.config import load_config
     from detkd.data import build_dataset, build_train_loader, build_transforms
     from detkd.distill import DistillModel
-    from detkd.engine.launch import build_optimizer
     from detkd.models import build_detector
 
     cfg = load_config(overrides=overrides)
@@ -192,18 +241,7 @@ def time_detectors(data: Path, names: list[str], overrides: list[str], steps: in
             binary_neck=binary,
         )
         model = DistillModel(det, None, {})
-        optimizer = build_optimizer(cfg.optim, model)
-        state = {"i": 0}
-
-        def step(model=model, optimizer=optimizer, state=state) -> None:
-            images, targets = batches[state["i"] % len(batches)]
-            state["i"] += 1
-            model.train()
-            losses, _ = model(images, targets, step=500)
-            optimizer.zero_grad(set_to_none=True)
-            torch.stack([v.float() for v in losses.values()]).sum().backward()
-            optimizer.step()
-
+        step = frozen_train_step(model, cfg.optim, batches)
         label = name + (" (binary neck)" if binary else "")
         steps_fns[label], models[label] = step, det
     for fn in steps_fns.values():
