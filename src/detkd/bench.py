@@ -137,6 +137,8 @@ FEATURE_SCALE = {
     "gkd": ["distill.options.gkd.term_weights.kd_feat_fg=0.01", "distill.options.gkd.term_weights.kd_feat_bg=0.04"],
 }
 
+LGD_SCRATCH = ["distill.options.lgd.freeze_backbone_frac=0.0"]
+
 SUITES: dict[str, Suite] = {
     "smoke": Suite(
         "smoke",
@@ -198,18 +200,20 @@ SUITES: dict[str, Suite] = {
                 feature_methods=["fitnet", "kd", "fgfi", "defeat"],
             ),
             # Teacher-free LGD on the same R18 student: its baseline and same-wall-clock runs are the frcnn pair's
-            # (shared run folders). A slim RetinaNet trained from scratch is still at 0 mAP after 300 steps on the
-            # hard digits (measured), too early to compare anything, so the RetinaNet pairs are in the gpu suite
-            # only. From scratch, LGD's backbone freeze only delays training.
+            # (shared run folders). From scratch, LGD's backbone freeze only delays training.
+            Pair("lgd", None, "frcnn_r18", ["lgd"], 0, 300, method_overrides={"lgd": LGD_SCRATCH}),
+            # RetinaNet's heads need GroupNorm (the slim preset has it) to learn from scratch in a few hundred steps.
             Pair(
-                "lgd",
-                None,
-                "frcnn_r18",
-                ["lgd"],
-                0,
+                "retinanet",
+                "retinanet_r50",
+                "retinanet_r18",
+                ["gkd", "fitnet", "kd", "lgd"],
+                1500,
                 300,
-                method_overrides={"lgd": ["distill.options.lgd.freeze_backbone_frac=0.0"]},
+                method_overrides={**FEATURE_SCALE, "lgd": LGD_SCRATCH},
+                feature_methods=["fitnet", "kd"],
             ),
+            Pair("lgd_r50", None, "retinanet_r50", ["lgd"], 0, 300, method_overrides={"lgd": LGD_SCRATCH}),
             Pair(
                 "binary",
                 "frcnn_r50",
@@ -260,6 +264,7 @@ SUITES: dict[str, Suite] = {
                 12000,
                 3000,
                 overrides=["model.min_size=256", "model.max_size=256", "data.batch_size=16"],
+                method_overrides=FEATURE_SCALE,
                 feature_methods=["fitnet", "kd"],
             ),
             Pair(

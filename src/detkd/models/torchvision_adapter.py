@@ -9,6 +9,8 @@ from :class:`DetOutputs` and never hook into the model. Inference and export use
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_laye
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 from torchvision.ops.poolers import initLevelMapper
 
+from detkd.errors import ConfigError
 from detkd.models.backbones import FPNBackbone
 from detkd.models.outputs import Detector
 
@@ -242,6 +245,16 @@ def build_faster_rcnn(backbone: FPNBackbone, num_classes: int, preset: dict[str,
     return FasterRCNNAdapter(model, backbone, num_classes, spec)
 
 
+def _head_norm(preset: dict[str, Any]) -> Callable[[int], nn.Module] | None:
+    """GroupNorm in the one-stage heads' conv towers (``head_norm: group``, as in RetinaNet v2 and FCOS), or none."""
+    norm = preset.get("head_norm", "none")
+    if norm == "group":
+        return partial(nn.GroupNorm, preset.get("head_norm_groups", 16))
+    if norm == "none":
+        return None
+    raise ConfigError(f"unknown head_norm {norm!r} (use group or none)")
+
+
 def build_retinanet(backbone: FPNBackbone, num_classes: int, preset: dict[str, Any], spec: dict) -> RetinaNetAdapter:
     strides = [f.stride for f in backbone.feature_info]
     sizes = tuple(tuple(preset["anchor_scale"] * s * 2 ** (k / 3) for k in range(3)) for s in strides)
@@ -252,7 +265,12 @@ def build_retinanet(backbone: FPNBackbone, num_classes: int, preset: dict[str, A
         min_size=spec["min_size"],
         max_size=spec["max_size"],
         anchor_generator=anchors,
-        head=RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes + 1),
+        head=RetinaNetHead(
+            backbone.out_channels,
+            anchors.num_anchors_per_location()[0],
+            num_classes + 1,
+            norm_layer=_head_norm(preset),
+        ),
         topk_candidates=preset["topk_candidates"],
         score_thresh=0.05,
     )
