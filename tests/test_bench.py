@@ -44,6 +44,19 @@ def test_pairs_filter_plans_only_those_pairs_and_names_bad_ones(tmp_path):
         Bench(SUITES["cpu"], tmp_path, pairs=["nope"])
 
 
+def test_variants_are_method_rows_with_their_own_settings(tmp_path):
+    bench = Bench(SUITES["cpu"], tmp_path, pairs=["retinanet"], seeds=1)
+    specs = {s.row: s for s in bench.plan()}
+    plain, glob = specs["gkd"], specs["gkd-global"]
+    assert glob.kind == "method" and glob.methods == ["gkd"]
+    assert glob.overrides == plain.overrides + ["distill.options.gkd.global_loss=true"]
+    assert bench.run_dir(glob) != bench.run_dir(plain)
+    only_kd = {s.row for s in Bench(SUITES["cpu"], tmp_path, pairs=["retinanet"], seeds=1, methods=["kd"]).plan()}
+    assert only_kd == {"teacher", "baseline", "kd"}
+    only_gkd = {s.row for s in Bench(SUITES["cpu"], tmp_path, pairs=["retinanet"], seeds=1, methods=["gkd"]).plan()}
+    assert only_gkd == {"teacher", "baseline", "gkd", "gkd-global"}
+
+
 def test_teacher_free_rows_run_with_teachers_and_distillation_after(tmp_path, monkeypatch):
     bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["frcnn", "lgd"], methods=["kd", "lgd"])
     batches = []

@@ -69,6 +69,8 @@ class Pair:
         method_overrides: per-method extra overrides.
         references: extra student-alone rows ``{key: (detector, overrides)}``, e.g. the real-valued R18 next to a
             binary student.
+        variants: method rows with settings of their own ``{row: (methods, overrides)}``, e.g. ``gkd`` with its
+            global loss on next to the default ``gkd`` row; trained like method rows, not timed.
         time_matched: train same-wall-clock baselines.
         feature_methods: methods held to the step-overhead goal (feature/logit methods).
     """
@@ -83,6 +85,7 @@ class Pair:
     student_overrides: list[str] = field(default_factory=list)
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
     references: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    variants: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     time_matched: bool = True
     feature_methods: list[str] = field(default_factory=list)
 
@@ -138,6 +141,8 @@ FEATURE_SCALE = {
 }
 
 LGD_SCRATCH = ["distill.options.lgd.freeze_backbone_frac=0.0"]
+# GKD's released config leaves the global (prototype-relation) loss off; the paper has it on.
+GKD_GLOBAL = {"gkd-global": ("gkd", ["distill.options.gkd.global_loss=true"])}
 
 SUITES: dict[str, Suite] = {
     "smoke": Suite(
@@ -211,6 +216,7 @@ SUITES: dict[str, Suite] = {
                 1500,
                 300,
                 method_overrides={**FEATURE_SCALE, "lgd": LGD_SCRATCH},
+                variants=GKD_GLOBAL,
                 feature_methods=["fitnet", "kd"],
             ),
             Pair("lgd_r50", None, "retinanet_r50", ["lgd"], 0, 300, method_overrides={"lgd": LGD_SCRATCH}),
@@ -417,11 +423,11 @@ class Bench:
     def _pair(self, name: str) -> Pair:
         return next(p for p in self.pairs if p.name == name)
 
+    def _selected(self, row: str) -> bool:
+        return not self.only or row in self.only or any(m in self.only for m in row.split("+"))
+
     def _method_rows(self, pair: Pair) -> list[str]:
-        rows = list(pair.methods)
-        if self.only:
-            rows = [r for r in rows if r in self.only or any(m in self.only for m in r.split("+"))]
-        return rows
+        return [r for r in pair.methods if self._selected(r)]
 
     def plan(self) -> list[RunSpec]:
         """Teachers first, then per seed: baseline, references, methods (time-matched runs come later)."""
@@ -464,12 +470,14 @@ class Bench:
                             pair.overrides + extra + eval_cap,
                         )
                     )
-                for row in self._method_rows(pair):
-                    extra = [o for m in row.split("+") for o in pair.method_overrides.get(m, [])]
+                rows = [(row, row, []) for row in self._method_rows(pair)]
+                rows += [(key, row, extra) for key, (row, extra) in pair.variants.items() if self._selected(row)]
+                for key, row, own in rows:
+                    extra = [o for m in row.split("+") for o in pair.method_overrides.get(m, [])] + own
                     specs.append(
                         RunSpec(
                             pair.name,
-                            row,
+                            key,
                             "method",
                             "distill",
                             pair.student,
@@ -749,6 +757,7 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
             "baseline",
             *pair["references"],
             *pair["methods"],
+            *pair.get("variants", {}),
             *sorted({r["row"] for r in mine if r["kind"] == "time_matched"}),
         ]
         for row in rows:

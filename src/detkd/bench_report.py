@@ -179,7 +179,13 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
             )
             + ". "
             + "".join(
-                f"`{m}` runs with `{' '.join(o)}`. " for m, o in (pair.get("method_overrides") or {}).items() if o
+                f"`{m}` runs with `{' '.join(o)}`. "
+                for m, o in (pair.get("method_overrides") or {}).items()
+                if o and any(m in row.split("+") for row in pair["methods"])
+            )
+            + "".join(
+                f"`{key}` is `{row}` with `{' '.join(o)}` (not timed). "
+                for key, (row, o) in (pair.get("variants") or {}).items()
             )
             + (
                 f"Student step {t['student_step_s']:.3f} s, teacher forward "
