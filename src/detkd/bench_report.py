@@ -156,8 +156,9 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
         "gain (time) = method − baseline trained for the same wall-clock time (the baseline's iterations × the "
         f"method's measured step-time ratio, rounded up to a {results.get('time_grid', 0.25):g} grid: row `tmX`; "
         "a method no slower than the student is compared with the baseline itself); gap closed = gain / (teacher − "
-        "baseline); step ratio = method step / (student step + teacher forward), medians of interleaved steps "
-        "measured in one process (`×S` = relative to the student step alone).",
+        "baseline); step ratio = method step / (student step + teacher forward), medians of interleaved full "
+        "training steps measured in one process from the trained checkpoints at learning rate 0, so that every row "
+        "does the same work at every step (`×S` = relative to the student step alone).",
         "",
     ]
     table = results.get("table", [])
