@@ -270,7 +270,13 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
             f"{results['seeds']} seed(s) per row."
         )
     if not results.get("complete", True):
-        lines.append("**This suite is incomplete**: runs or the timing phase are still missing.")
+        if results.get("timing"):
+            lines.append(
+                "**This suite is incomplete**: the same-wall-clock baselines (rows `tmX`) were not trained, so the "
+                "gain (time) column is empty; the gains above are at the same step count only."
+            )
+        else:
+            lines.append("**This suite is incomplete**: runs or the timing phase are still missing.")
     for r in failed:
         lines.append(f"- failed: {r['pair']}/{r['row']} seed {r['seed']}: {r.get('error')}")
     return "\n".join(lines) + "\n"
