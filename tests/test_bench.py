@@ -161,6 +161,18 @@ def test_diverged_timing_row_gets_no_step_ratio():
     assert table["fitnet"]["step_ratio"] == pytest.approx(0.9 / 0.7)
 
 
+def test_teacher_free_row_in_a_teacher_pair_is_timed_against_the_student_alone():
+    results = fake_results()
+    results["pairs"][0]["methods"].append("lgd")
+    results["timing"]["frcnn"]["rows"]["lgd"] = {"step_s": 1.0, "ratio": 1.0 / 0.7, "ratio_student": 2.0}
+    results["records"] += [
+        {**results["records"][1], "row": "lgd", "kind": "method", "seed": s, "AP": 0.42} for s in range(3)
+    ]
+    table = {e["row"]: e for e in aggregate(results)}
+    assert table["lgd"]["step_ratio"] == pytest.approx(2.0)
+    assert table["kd"]["step_ratio"] == pytest.approx(0.6 / 0.7)
+
+
 def test_timed_steps_keep_the_weights_even_when_the_loss_blows_up(batch):
     import detkd.methods  # noqa: F401  (registration)
     from detkd.bench_timing import frozen_train_step

@@ -758,6 +758,7 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
         base = _stats([r["AP"] for r in mine if r["row"] == "baseline"])
         base50 = _stats([r["AP50"] for r in mine if r["row"] == "baseline"])
         t = timing.get(name, {})
+        row_methods = {key: row for key, (row, _) in (pair.get("variants") or {}).items()}
         rows = [
             "teacher",
             "baseline",
@@ -802,7 +803,9 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 if row_t.get("nonfinite_steps") or t.get("student_nonfinite_steps"):
                     row_t = {}  # a diverged timed step does different work: its time is not the method's
                 entry["step_s"] = row_t.get("step_s")
-                entry["step_ratio"] = row_t.get("ratio")
+                # A row that runs no teacher is compared with the student's own step.
+                teacher_free = pair["teacher"] is None or not Bench._needs_teacher(row_methods.get(row, row))
+                entry["step_ratio"] = row_t.get("ratio_student") if teacher_free else row_t.get("ratio")
                 entry["step_ratio_student"] = row_t.get("ratio_student")
                 factor = None
                 if row_t.get("step_s") and t.get("student_step_s"):

@@ -95,8 +95,9 @@ def time_pair(
 
     Returns:
         ``student_step_s``, ``teacher_forward_s``, ``rows`` (row -> ``step_s``, ``ratio`` = step / (student step +
-        teacher forward), ``ratio_student`` = step / student step, ``nonfinite_steps`` = timed steps whose loss was
-        not finite, which makes the row's time meaningless), ``latency_ms`` (model -> one-image predict),
+        teacher forward), or / student step for a row that runs no teacher, ``ratio_student`` = step / student
+        step, ``nonfinite_steps`` = timed steps whose loss was not finite, which makes the row's time
+        meaningless), ``latency_ms`` (model -> one-image predict),
         ``cost`` (model name -> accounting) and ``steps``.
     """
     import detkd.methods  # noqa: F401  (registration)
@@ -125,6 +126,7 @@ def time_pair(
     )
 
     nonfinite: dict[str, int] = {}
+    teacher_free: set[str] = set()
 
     def trainer_step(key: str, model: DistillModel) -> Any:
         step_fn = frozen_train_step(model, cfg.optim, batches)
@@ -150,6 +152,8 @@ def time_pair(
     for row in rows:
         methods = row.split("+")
         needs_teacher = any(METHODS.get(m).needs_teacher for m in methods)
+        if not needs_teacher:
+            teacher_free.add(row)
         s = copy.deepcopy(student)
         # The row's own settings (weights, options), as its training runs have them.
         row_cfg = load_config(overrides=overrides + [o for m in methods for o in (method_overrides or {}).get(m, [])])
@@ -184,7 +188,7 @@ def time_pair(
         "rows": {
             row: {
                 "step_s": med[row],
-                "ratio": med[row] / base,
+                "ratio": med[row] / (med["student"] if row in teacher_free else base),
                 "ratio_student": med[row] / med["student"],
                 "nonfinite_steps": nonfinite[row],
             }
