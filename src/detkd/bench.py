@@ -854,6 +854,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not bench.results_path.exists():
             raise ConfigError(f"{bench.results_path} not found: run `detkd bench --suite {suite.name}` first")
         results = json.loads(bench.results_path.read_text())
+        results["table"] = aggregate(results)  # from the records, with this version's aggregation
         plots = write_plots(results, Path(args.render).parent / "docs" / "bench" / suite.name)
         Path(args.render).write_text(render_markdown(results, plots, Path(args.render).parent))
         print(f"wrote {args.render}")
