@@ -276,7 +276,7 @@ SUITES: dict[str, Suite] = {
                 12000,
                 3000,
                 overrides=["model.min_size=256", "model.max_size=256", "data.batch_size=16"],
-                method_overrides=FEATURE_SCALE,
+                method_overrides=RETINANET_FEATURE_SCALE,
                 feature_methods=["fitnet", "kd"],
             ),
             Pair(

@@ -95,8 +95,8 @@ def time_pair(
 
     Returns:
         ``student_step_s``, ``teacher_forward_s``, ``rows`` (row -> ``step_s``, ``ratio`` = step / (student step +
-        teacher forward), or / student step for a row that runs no teacher, ``ratio_student`` = step / student
-        step, ``nonfinite_steps`` = timed steps whose loss was not finite, which makes the row's time
+        teacher forward), ``ratio_student`` = step / student step (what the report uses for a row that runs no
+        teacher), ``nonfinite_steps`` = timed steps whose loss was not finite, which makes the row's time
         meaningless), ``latency_ms`` (model -> one-image predict),
         ``cost`` (model name -> accounting) and ``steps``.
     """
@@ -126,7 +126,6 @@ def time_pair(
     )
 
     nonfinite: dict[str, int] = {}
-    teacher_free: set[str] = set()
 
     def trainer_step(key: str, model: DistillModel) -> Any:
         step_fn = frozen_train_step(model, cfg.optim, batches)
@@ -152,8 +151,6 @@ def time_pair(
     for row in rows:
         methods = row.split("+")
         needs_teacher = any(METHODS.get(m).needs_teacher for m in methods)
-        if not needs_teacher:
-            teacher_free.add(row)
         s = copy.deepcopy(student)
         # The row's own settings (weights, options), as its training runs have them.
         row_cfg = load_config(overrides=overrides + [o for m in methods for o in (method_overrides or {}).get(m, [])])
@@ -188,7 +185,7 @@ def time_pair(
         "rows": {
             row: {
                 "step_s": med[row],
-                "ratio": med[row] / (med["student"] if row in teacher_free else base),
+                "ratio": med[row] / base,
                 "ratio_student": med[row] / med["student"],
                 "nonfinite_steps": nonfinite[row],
             }
