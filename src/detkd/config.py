@@ -61,6 +61,10 @@ class OptimConfig:
     warmup_factor: float = 0.001
     clip_grad_norm: float | None = 10.0
     clip_grad_value: float | None = None
+    # LR multipliers by parameter name: a key matches the parameters whose dotted name contains it as whole parts
+    # ("backbone" matches student.backbone.conv1.weight, "backbone.body" only torchvision's ResNet trunk); the
+    # longest matching key wins. DETR recipes with a pretrained backbone: {backbone: 0.1, sampling_offsets: 0.1}.
+    lr_mult: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -105,7 +105,21 @@ def count_boxes(dataset: Any) -> int:
 
 
 def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable module; no weight decay on norms and biases; method-defined groups."""
+    """SGD or AdamW over the trainable module; no weight decay on norms and biases; method-defined groups;
+    ``cfg.lr_mult`` scales the LR of the parameters it names."""
+    for key, mult in cfg.lr_mult.items():
+        if mult < 0:
+            raise ConfigError(f"optim.lr_mult.{key} must be >= 0, got {mult}")
+    used: set[str] = set()
+
+    def mult_of(name: str) -> float:
+        hits = [k for k in cfg.lr_mult if f".{k}." in f".{name}."]
+        if not hits:
+            return 1.0
+        key = max(hits, key=len)
+        used.add(key)
+        return cfg.lr_mult[key]
+
     custom: list[dict[str, Any]] = []
     claimed: set[int] = set()
     for distiller in model.distillers.values():
@@ -119,12 +133,21 @@ def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimi
                     "weight_decay": group.get("weight_decay", cfg.weight_decay),
                 }
             )
-    decay, no_decay = [], []
-    for param in model.trainable_module.parameters():
+    plain: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.trainable_module.named_parameters():
         if not param.requires_grad or id(param) in claimed:
             continue
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        plain.setdefault((mult_of(name), param.ndim > 1), []).append(param)
+    unused = sorted(set(cfg.lr_mult) - used)
+    if unused:
+        raise ConfigError(
+            f"optim.lr_mult: no trainable parameter's name contains {', '.join(map(repr, unused))} as whole dotted "
+            "parts (e.g. backbone, backbone.body, sampling_offsets); list names with model.named_parameters()"
+        )
+    groups = [
+        {"params": params, "lr": cfg.lr * mult, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (mult, decay), params in sorted(plain.items(), key=lambda kv: (kv[0][0] != 1.0, not kv[0][1], kv[0][0]))
+    ]
     groups += custom
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
