@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,15 +58,53 @@ def test_variants_are_method_rows_with_their_own_settings(tmp_path):
     assert only_gkd == {"teacher", "baseline", "gkd", "gkd-global"}
 
 
-def test_teacher_free_rows_run_with_teachers_and_distillation_after(tmp_path, monkeypatch):
-    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["frcnn", "lgd"], methods=["kd", "lgd"])
-    batches = []
-    monkeypatch.setattr(bench, "_parallel", lambda specs: batches.append(specs) or [])
-    bench.run_all(bench.plan())
-    first, second = ([(s.pair, s.row) for s in b] for b in batches)
-    assert first[0] == ("frcnn", "teacher")
-    assert {("frcnn", "baseline"), ("lgd", "baseline"), ("lgd", "lgd")} <= set(first)
-    assert second == [("frcnn", "kd")]
+class FakeRuns:
+    """Stands in for ``Bench._launch``: logs when each run folder starts and ends; a run in ``hold`` waits for its
+    event (10 s at most), a run in ``signal`` sets its event once started, a run in ``fail`` fails."""
+
+    def __init__(self, bench, hold=None, signal=None, fail=()):
+        self.bench, self.hold, self.signal, self.fail = bench, hold or {}, signal or {}, set(fail)
+        self.log: list[tuple[str, str, str]] = []
+        self.seen: set = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, spec):
+        out = self.bench.run_dir(spec)
+        with self.lock:
+            first = out not in self.seen
+            self.seen.add(out)
+        if first:
+            self.log.append(("start", spec.pair, spec.row))
+            if (spec.pair, spec.row) in self.signal:
+                self.signal[spec.pair, spec.row].set()
+            if (spec.pair, spec.row) in self.hold:
+                self.hold[spec.pair, spec.row].wait(timeout=10)
+            self.log.append(("end", spec.pair, spec.row))
+        failed = (spec.pair, spec.row) in self.fail
+        record = {"pair": spec.pair, "row": spec.row, "kind": spec.kind, "seed": spec.seed}
+        return {**record, "failed": True} if failed else record
+
+
+def test_a_distillation_row_starts_once_its_own_teacher_is_done(tmp_path, monkeypatch):
+    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["frcnn", "lgd"], methods=["kd", "lgd"], jobs=2)
+    kd_started = threading.Event()
+    runs = FakeRuns(bench, hold={("lgd", "lgd"): kd_started}, signal={("frcnn", "kd"): kd_started})
+    monkeypatch.setattr(bench, "_launch", runs)
+    records = bench.run_all(bench.plan())
+    assert runs.log[0] == ("start", "frcnn", "teacher")
+    assert runs.log.index(("start", "frcnn", "kd")) > runs.log.index(("end", "frcnn", "teacher"))
+    # kd started while the teacher-free lgd row of the other pair was still running (that row waits for kd).
+    assert runs.log.index(("start", "frcnn", "kd")) < runs.log.index(("end", "lgd", "lgd"))
+    assert sorted((r["pair"], r["row"]) for r in records) == sorted((s.pair, s.row) for s in bench.plan())
+
+
+def test_rows_of_a_failed_teacher_are_dropped_and_the_rest_run(tmp_path, monkeypatch):
+    bench = Bench(SUITES["cpu"], tmp_path, seeds=2, pairs=["frcnn", "lgd"], methods=["kd", "lgd"], jobs=2)
+    runs = FakeRuns(bench, fail={("frcnn", "teacher")})
+    monkeypatch.setattr(bench, "_launch", runs)
+    rows = {(r["pair"], r["row"]) for r in bench.run_all(bench.plan())}
+    assert ("frcnn", "kd") not in rows and not any(e[2] == "kd" for e in runs.log)
+    assert {("frcnn", "teacher"), ("frcnn", "baseline"), ("lgd", "baseline"), ("lgd", "lgd")} <= rows
 
 
 def fake_results() -> dict:

@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -613,26 +613,44 @@ class Bench:
         }
 
     def run_all(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
-        """Teachers first; rows that need no teacher run alongside them; distillation rows once teachers are done."""
-        needs = [s for s in specs if s.command == "distill" and self._needs_teacher("+".join(s.methods))]
-        first = [s for s in specs if s.kind == "teacher"] + [s for s in specs if s.kind != "teacher" and s not in needs]
-        records = self._parallel(first)
-        failed_teachers = {r["pair"] for r in records if r.get("failed") and r["kind"] == "teacher"}
-        for pair in self.pairs:  # pairs sharing a teacher checkpoint share its failure too
-            if pair.teacher and any(self.teacher_dir(pair) == self.teacher_dir(self._pair(p)) for p in failed_teachers):
-                failed_teachers.add(pair.name)
-        records += self._parallel([s for s in needs if s.pair not in failed_teachers])
-        return records
-
-    def _parallel(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
+        """One queue, teachers first, then in plan order; a distillation row waits only for its own pair's teacher
+        (and is dropped if that teacher failed), so a free slot never waits on another pair's runs."""
         # Rows with identical settings share a run folder: train it once, then record it under each row.
-        unique = list({self.run_dir(s): s for s in specs}.values())
-        if self.jobs == 1:
-            list(map(self._launch, unique))
-        else:
-            with ThreadPoolExecutor(self.jobs) as pool:
-                list(pool.map(self._launch, unique))
-        return [self._launch(s) for s in specs]  # finished runs are only read back
+        unique = {self.run_dir(s): s for s in specs}
+        queue = sorted(unique.values(), key=lambda s: s.kind != "teacher")  # stable: plan order otherwise
+        waits_for = {self.run_dir(s): self._teacher_run(s) for s in queue}
+        waits_for = {d: t if t in unique else None for d, t in waits_for.items()}  # a teacher outside specs is done
+        succeeded: dict[Path, bool] = {}
+        dropped: set[Path] = set()
+        running: dict[Future, Path] = {}
+        with ThreadPoolExecutor(self.jobs) as pool:
+            while queue or running:
+                for spec in list(queue):
+                    if len(running) >= self.jobs:
+                        break
+                    out, teacher = self.run_dir(spec), waits_for[self.run_dir(spec)]
+                    if teacher is not None and teacher not in succeeded:
+                        continue
+                    queue.remove(spec)
+                    if teacher is not None and not succeeded[teacher]:
+                        log.error("%s/%s seed %d not run: its teacher failed", spec.pair, spec.row, spec.seed)
+                        dropped.add(out)
+                        continue
+                    running[pool.submit(self._launch, spec)] = out
+                if not running:
+                    if queue:
+                        raise RuntimeError(f"bench queue stalled: {len(queue)} run(s) wait on a teacher never run")
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    succeeded[running.pop(future)] = not future.result().get("failed")
+        return [self._launch(s) for s in specs if self.run_dir(s) not in dropped]  # finished runs are read back
+
+    def _teacher_run(self, spec: RunSpec) -> Path | None:
+        pair = self._pair(spec.pair)
+        if spec.command == "distill" and pair.teacher and self._needs_teacher("+".join(spec.methods)):
+            return self.teacher_dir(pair)
+        return None
 
     # ----- timing
     def measure(self) -> dict[str, Any]:
@@ -675,7 +693,7 @@ class Bench:
         timing = self.measure()
         self.save({"records": records, "timing": timing, "complete": False})
         tm = self.time_matched_specs(timing)
-        records += self._parallel(tm)
+        records += self.run_all(tm)
         results = self.save(
             {
                 "records": records,
