@@ -107,6 +107,26 @@ def test_rows_of_a_failed_teacher_are_dropped_and_the_rest_run(tmp_path, monkeyp
     assert {("frcnn", "teacher"), ("frcnn", "baseline"), ("lgd", "baseline"), ("lgd", "lgd")} <= rows
 
 
+def test_a_resumed_suite_keeps_its_timing_unless_a_checkpoint_changed(tmp_path, monkeypatch):
+    from detkd import bench_timing
+
+    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["lgd"])
+    baseline = bench.run_dir(next(s for s in bench.plan() if s.row == "baseline")) / "student.pt"
+    baseline.parent.mkdir(parents=True)
+    baseline.write_bytes(b"weights")
+    calls = []
+    monkeypatch.setattr(bench_timing, "time_pair", lambda **kw: calls.append(kw) or {"student_step_s": len(calls)})
+    monkeypatch.setattr(bench_timing, "time_detectors", lambda **kw: {"detectors": {}})
+    first = bench.measure()
+    assert len(calls) == 1 and first["lgd"]["student_step_s"] == 1
+    again = bench.measure(saved=json.loads(json.dumps(first)))  # as read back from results.json
+    assert len(calls) == 1 and again["lgd"] == first["lgd"]
+    baseline.write_bytes(b"other weights")  # re-trained: measured anew
+    assert bench.measure(saved=first)["lgd"]["student_step_s"] == 2
+    narrower = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["lgd"], methods=["nothing"])
+    assert narrower.measure(saved=first)["lgd"]["student_step_s"] == 3  # other rows: measured anew
+
+
 def fake_results() -> dict:
     def rec(row, kind, seed, ap, model="frcnn_r18", iters=300):
         return {

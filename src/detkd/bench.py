@@ -310,6 +310,15 @@ def _hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _stamp(path: Path) -> list[int] | None:
+    """Size and modification time of a file: a re-trained checkpoint at the same path is a new one."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 @dataclass
 class RunSpec:
     """One training run of the suite."""
@@ -653,15 +662,39 @@ class Bench:
         return None
 
     # ----- timing
-    def measure(self) -> dict[str, Any]:
-        """Step times in one process, interleaved: student step, teacher forward, each method's step, latency."""
-        from detkd.bench_timing import time_detectors, time_pair
+    def measure(self, saved: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Step times in one process, interleaved: student step, teacher forward, each method's step, latency.
+
+        A measurement in ``saved`` (the timing of an earlier results.json of this suite) is kept when it was taken
+        from the same checkpoints, rows, settings and machine, so a resumed suite keeps its same-wall-clock plan.
+        """
+        from detkd import bench_timing
+
+        saved = saved or {}
+        machine = machine_info()
+        code = _hash(Path(bench_timing.__file__).read_text())
+
+        def timed(name: str, fn: Any, **kwargs: Any) -> dict[str, Any]:
+            paths = {k: v for k, v in kwargs.items() if isinstance(v, Path)}
+            paths.update({f"references.{k}": v for k, v in (kwargs.get("references") or {}).items()})
+            stamps = {k: _stamp(v) for k, v in paths.items()}
+            key = _hash({"machine": machine, "code": code, "args": kwargs, "stamps": stamps})
+            old = saved.get(name)
+            if isinstance(old, dict) and old.get("key") == key:
+                log.info("timing %s: kept from %s (same checkpoints and settings)", name, self.results_path)
+                return old
+            return {**fn(**kwargs), "key": key}
 
         timing: dict[str, Any] = {}
         if self.suite.speed:
             log.info("timing detectors: %s", ", ".join(self.suite.speed))
-            timing["_detectors"] = time_detectors(
-                self.data_dir, self.suite.speed, self.suite.pairs[0].overrides, self.suite.timing_steps
+            timing["_detectors"] = timed(
+                "_detectors",
+                bench_timing.time_detectors,
+                data=self.data_dir,
+                names=self.suite.speed,
+                overrides=self.suite.pairs[0].overrides,
+                steps=self.suite.timing_steps,
             )
         for pair in self.pairs:
             specs = {(s.row, s.seed): s for s in self.plan() if s.pair == pair.name}
@@ -671,7 +704,9 @@ class Bench:
                 continue
             rows = self._method_rows(pair)
             log.info("timing %s: %s", pair.name, ", ".join(rows))
-            timing[pair.name] = time_pair(
+            timing[pair.name] = timed(
+                pair.name,
+                bench_timing.time_pair,
                 data=self.data_dir,
                 student_ckpt=baseline,
                 teacher_ckpt=teacher if teacher and teacher.exists() else None,
@@ -687,10 +722,11 @@ class Bench:
         self.root.mkdir(parents=True, exist_ok=True)
         self.ensure_data()
         start = time.perf_counter()
+        saved = json.loads(self.results_path.read_text()).get("timing") if self.results_path.exists() else None
         specs = self.plan()
         records = self.run_all(specs)
         self.save({"records": records, "complete": False})
-        timing = self.measure()
+        timing = self.measure(saved)
         self.save({"records": records, "timing": timing, "complete": False})
         tm = self.time_matched_specs(timing)
         records += self.run_all(tm)
