@@ -72,7 +72,10 @@ class Detector(nn.Module):
     def preprocess(
         self, images: list[Tensor], targets: list[dict] | None = None
     ) -> tuple[ImageList, list[dict] | None]:
-        raise NotImplementedError
+        if targets is not None:
+            # The transform replaces only the keys it resizes; copy so callers keep their targets.
+            targets = [dict(t) for t in targets]
+        return self.transform(images, targets)
 
     def extract(self, images: ImageList) -> dict[str, Tensor]:
         """Feature maps by level name."""

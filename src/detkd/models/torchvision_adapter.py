@@ -47,14 +47,6 @@ class _TorchvisionDetector(Detector):
         """torchvision's ``GeneralizedRCNNTransform``: normalisation, resizing and batching."""
         return self.model.transform
 
-    def preprocess(
-        self, images: list[Tensor], targets: list[dict] | None = None
-    ) -> tuple[ImageList, list[dict] | None]:
-        if targets is not None:
-            # torchvision's transform replaces only the keys it resizes; copy so callers keep their targets.
-            targets = [dict(t) for t in targets]
-        return self.model.transform(images, targets)
-
     def extract(self, images: ImageList) -> dict[str, Tensor]:
         return dict(self.model.backbone(images.tensors))
 

@@ -95,14 +95,6 @@ class DETRDetector(Detector):
     def query_dim(self) -> int:
         return self.transformer.query_dim
 
-    def preprocess(
-        self, images: list[Tensor], targets: list[dict] | None = None
-    ) -> tuple[ImageList, list[dict] | None]:
-        if targets is not None:
-            # The transform replaces only the keys it resizes; copy so callers keep their targets.
-            targets = [dict(t) for t in targets]
-        return self.transform(images, targets)
-
     def extract(self, images: ImageList) -> dict[str, Tensor]:
         return dict(self.neck(self.backbone(images.tensors)))
 
