@@ -210,6 +210,8 @@ def test_aggregate_gains_gap_and_time_matched():
     assert fitnet["gain_over_2std"] is False
     # 1.8x has no time-matched baseline in the records -> reported as missing, not silently compared.
     assert fitnet["time_matched_row"] is None and fitnet["gain_time_matched"] is None
+    # The time-matched row is the baseline's model and batch: no memory figure of its own.
+    assert table["tm1.25"]["peak_memory_mb"] is None and table["baseline"]["peak_memory_mb"] == 1000.0
 
 
 def test_diverged_timing_row_gets_no_step_ratio():

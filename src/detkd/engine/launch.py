@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -171,9 +172,22 @@ def check_teacher(teacher: Detector, dataset: Any, images: int, batch_size: int)
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or on CPU the process's peak resident set size.
+
+    On Linux the peak RSS is read from ``/proc/self/status`` (``VmHWM``): ``getrusage``'s ``ru_maxrss`` carries
+    the peak of the parent process over fork and exec, so a run started by a large process (``detkd bench`` after
+    its timing phase) would report the parent's peak.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS reports bytes, Linux KiB
 
 
 def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
