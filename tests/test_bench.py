@@ -270,6 +270,19 @@ def test_goals_and_markdown(tmp_path):
     assert "**no**" in md and "not run here" in md
 
 
+def test_goal_evidence_states_the_same_wall_clock_gain():
+    results = fake_results()  # kd stands in for a seed method here
+    for record in results["records"]:
+        record["row"] = "gkd" if record["row"] == "kd" else record["row"]
+    results["pairs"][0]["methods"] = ["gkd", "fitnet"]
+    results["timing"]["frcnn"]["rows"]["gkd"] = results["timing"]["frcnn"]["rows"].pop("kd")
+    results["table"] = aggregate(results)
+    evidence = {goal: text for goal, _, text in goals(results)}
+    assert evidence["`gkd` (frcnn) beats its baseline by > 2 std of the baseline's seeds"] == (
+        "gain +0.070, 2 std = 0.020 (n = 3); +0.040 against the same-wall-clock baseline `tm1.25`"
+    )
+
+
 @pytest.mark.slow
 def test_smoke_suite_end_to_end(tmp_path):
     from detkd.cli import main

@@ -103,14 +103,13 @@ def goals(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
         for e in rows:
             base = next(b for b in table if b["pair"] == e["pair"] and b["row"] == "baseline")
             ok = bool(e.get("gain_over_2std"))
-            out.append(
-                (
-                    f"`{name}` ({e['pair']}) beats its baseline by > 2 std of the baseline's seeds",
-                    ok,
-                    f"gain {_signed(e.get('gain'))}, 2 std = {2 * (base['AP']['std'] or 0):.3f} "
-                    f"(n = {base['AP']['n']})",
-                )
+            evidence = (
+                f"gain {_signed(e.get('gain'))}, 2 std = {2 * (base['AP']['std'] or 0):.3f} (n = {base['AP']['n']})"
             )
+            if e.get("gain_time_matched") is not None:
+                evidence += f"; {_signed(e['gain_time_matched'])} against the same-wall-clock baseline"
+                evidence += f" `{e['time_matched_row']}`" if e["time_matched_row"] != "baseline" else ""
+            out.append((f"`{name}` ({e['pair']}) beats its baseline by > 2 std of the baseline's seeds", ok, evidence))
     reach = [e for e in methods if e.get("reaches_teacher")]
     out.append(
         (
