@@ -188,7 +188,7 @@ def test_decay_applies_to_every_term_unless_exempt():
     for term in ("kd_cls", "kd_reg", "kd_feat"):
         raw = stats[f"raw.tar.{term}"]
         expected = raw if term == "kd_feat" else 0.5 * raw
-        assert float(losses[f"tar.{term}"]) == pytest.approx(expected, rel=1e-5, abs=1e-8)
+        assert float(losses[f"tar.{term}"].detach()) == pytest.approx(expected, rel=1e-5, abs=1e-8)
 
 
 # ------------------------------------------------------------------------------------------- detector-level
