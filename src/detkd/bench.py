@@ -637,7 +637,8 @@ class Bench:
                 for spec in list(queue):
                     if len(running) >= self.jobs:
                         break
-                    out, teacher = self.run_dir(spec), waits_for[self.run_dir(spec)]
+                    out = self.run_dir(spec)
+                    teacher = waits_for[out]
                     if teacher is not None and teacher not in succeeded:
                         continue
                     queue.remove(spec)
