@@ -84,3 +84,12 @@ def test_schedule_factor():
 
 def test_default_config_roundtrip():
     assert from_dict(Config, {}) == Config()
+
+
+def test_literal_fields_accept_only_their_choices():
+    cfg = load_config(overrides=["optim.name=adamw", "train.amp=off", "model.preset=standard"])
+    assert (cfg.optim.name, cfg.train.amp, cfg.model.preset) == ("adamw", "off", "standard")
+    with pytest.raises(ConfigError, match=r"optim\.name: 'adam' is not one of 'sgd', 'adamw'"):
+        load_config(overrides=["optim.name=adam"])
+    with pytest.raises(ConfigError, match="is not one of"):
+        load_config(overrides=["optim.schedule=true"])

@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -23,7 +23,7 @@ class DataConfig:
     """Where the data is and how it is batched and augmented."""
 
     root: str = "data/digits"
-    format: str = "auto"  # auto | coco | voc | yolo
+    format: Literal["auto", "coco", "voc", "yolo"] = "auto"
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 8
@@ -38,7 +38,7 @@ class ModelConfig:
     """Which detector to build."""
 
     name: str = "frcnn_r18"  # <family>_<backbone>, see `detkd list detectors`
-    preset: str = "slim"  # slim | standard
+    preset: Literal["slim", "standard"] = "slim"
     backbone_weights: str = "none"  # none | imagenet | path to a state-dict file
     min_size: int = 128  # images are resized so the short side is min_size ...
     max_size: int = 128  # ... and the long side at most max_size
@@ -50,11 +50,11 @@ class ModelConfig:
 class OptimConfig:
     """Optimiser and learning-rate schedule."""
 
-    name: str = "sgd"  # sgd | adamw
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "step"  # step | cosine | constant
+    schedule: Literal["step", "cosine", "constant"] = "step"
     steps: list[float] = field(default_factory=lambda: [0.75, 0.9])  # fractions of train.iters (step schedule)
     gamma: float = 0.1
     warmup_iters: int = 100
@@ -77,7 +77,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on CPU
     max_nonfinite: int = 20  # abort after this many consecutive non-finite losses
     progress: bool = True
     tensorboard: bool = True
@@ -105,6 +105,8 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(map(repr, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -112,6 +114,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert int->float and dict->dataclass."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return value
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and value not in choices and ("on" if value else "off") in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as false/true
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
