@@ -200,11 +200,12 @@ CASES: dict[str, Case] = {
         lambda w, t, o: _train(w["data"], o, "train.iters=abc"), "config.train.iters: expected int, got 'abc'"
     ),
     "config-bad-value": Case(
-        lambda w, t, o: _train(w["data"], o, "train.amp=fp8"), "train.amp must be auto, off, bf16 or fp16, got 'fp8'"
+        lambda w, t, o: _train(w["data"], o, "train.amp=fp8"),
+        "config.train.amp: 'fp8' is not one of 'auto', 'off', 'bf16', 'fp16'",
     ),
     "config-bad-schedule": Case(
         lambda w, t, o: _train(w["data"], o, "optim.schedule=cosin"),
-        "optim.schedule must be one of step, cosine, constant, got 'cosin'",
+        "config.optim.schedule: 'cosin' is not one of 'step', 'cosine', 'constant'",
     ),
     "config-override-syntax": Case(
         lambda w, t, o: _train(w["data"], o, "train.iters"),
