@@ -146,7 +146,8 @@ def test_failed_check_leaves_the_target_untouched(files, tmp_path, monkeypatch, 
 
 @pytest.mark.skipif(importlib.util.find_spec("detkd.models.binary") is None, reason="needs detkd.models.binary")
 def test_packed_export_of_a_binary_student(files, tmp_path):
-    from detkd.models.binary import binary_modules, load_packed
+    from detkd.engine.checkpoint import load_packed
+    from detkd.models.binary import binary_modules
 
     detector = tiny("frcnn_bireal18", num_classes=10, binary_neck=True).eval()
     assert binary_modules(detector)

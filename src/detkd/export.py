@@ -24,7 +24,7 @@ activation within rounding of zero may flip between the runtimes and move a few 
 match is reported as a warning.
 
 **Packed.** ``--packed FILE`` writes a 1-bit student with each binary conv's weight as sign bits (8 per byte), see
-:mod:`detkd.models.binary`; it is reloaded and must reproduce the student's outputs exactly.
+:mod:`detkd.engine.checkpoint`; it is reloaded and must reproduce the student's outputs exactly.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def export_packed(
     path: Path, detector: Detector, classes: list[str], meta: dict[str, Any], images: list[Tensor]
 ) -> str:
     """Write the bit-packed student, reload it and require identical outputs; returns a summary line."""
-    from detkd.models.binary import load_packed, save_packed
+    from detkd.engine.checkpoint import load_packed, save_packed
 
     if not is_binary(detector):
         raise ConfigError(

@@ -7,12 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detkd.errors import CheckpointError
-from detkd.models.backbones import BACKBONES, freeze_stages
-from detkd.models.binary import (
-    BinaryConv2d,
-    approx_sign,
-    binary_modules,
+from detkd.engine.checkpoint import (
     load_packed,
     pack_binary_state,
     pack_bits,
@@ -20,6 +15,9 @@ from detkd.models.binary import (
     unpack_binary_state,
     unpack_bits,
 )
+from detkd.errors import CheckpointError
+from detkd.models.backbones import BACKBONES, freeze_stages
+from detkd.models.binary import BinaryConv2d, approx_sign, binary_modules
 from tests.conftest import make_batch, tiny
 
 

@@ -1,4 +1,4 @@
-"""The dataset class every reader produces, and the checks the readers share.
+"""The dataset class every reader produces, and the checks the readers share (``formats.py`` picks the reader).
 
 A reader (``coco.py``, ``voc.py``, ``yolo.py``) parses its annotation files once into one
 :class:`ImageRecord` per image; :class:`DetectionDataset` decodes the image only when an item is
@@ -21,13 +21,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from detkd.errors import ConfigError, DataError
+from detkd.errors import DataError
 
 logger = logging.getLogger("detkd")
 
 Transform = Callable[[Tensor, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
 
-FORMATS = ("coco", "voc", "yolo")
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # PIL opens 16-bit gray PNGs as I;16 (older: I)
 
 
@@ -274,51 +273,3 @@ class DetectionDataset(torch.utils.data.Dataset):
             f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, format={self.format!r}, "
             f"images={len(self)}, classes={len(self.classes)})"
         )
-
-
-def detect_format(root: Path, split: str) -> str:
-    """The annotation format found under ``root`` for ``split``: ``coco``, ``voc`` or ``yolo``."""
-    if (root / "annotations" / f"instances_{split}.json").is_file():
-        return "coco"
-    if (root / "Annotations").is_dir() and (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
-        return "voc"
-    if (root / "images" / split).is_dir() and (root / "labels" / split).is_dir():
-        return "yolo"
-    raise DataError(
-        f"{root}: no dataset for split {split!r}; looked for COCO (annotations/instances_{split}.json), "
-        f"VOC (Annotations/ and ImageSets/Main/{split}.txt) and YOLO (images/{split}/ and labels/{split}/)"
-    )
-
-
-def build_dataset(
-    root: str | Path, split: str, format: str = "auto", transforms: Transform | None = None
-) -> DetectionDataset:
-    """Read one split of a COCO, VOC or YOLO dataset folder.
-
-    Args:
-        root: dataset folder.
-        split: split name, e.g. ``train`` or ``val``.
-        format: ``auto`` (detect from the folder layout), ``coco``, ``voc`` or ``yolo``.
-        transforms: applied to each ``(image, target)``; see :func:`detkd.data.build_transforms`.
-
-    Returns:
-        The dataset; all annotation files are parsed and all image paths checked before it returns.
-
-    Raises:
-        DataError: the folder, an annotation file, an entry or an image is missing or malformed.
-        ConfigError: ``format`` is not one of the above.
-    """
-    # The readers import this module, so they are imported here rather than at the top.
-    from detkd.data.coco import load_coco
-    from detkd.data.voc import load_voc
-    from detkd.data.yolo import load_yolo
-
-    root = Path(root)
-    if format not in ("auto", *FORMATS):
-        raise ConfigError(f"data.format: unknown format {format!r}; choose one of auto, {', '.join(FORMATS)}")
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found")
-    if format == "auto":
-        format = detect_format(root, split)
-    loader = {"coco": load_coco, "voc": load_voc, "yolo": load_yolo}[format]
-    return loader(root, split, transforms)

@@ -6,6 +6,10 @@ Two kinds:
   rebuilds it and its class names. This is what ``detkd eval``/``export`` and ``--teacher`` take.
 - a **training** checkpoint (``last.pt``): student + distillers' own modules, optimiser, iteration, RNG state and
   best score, for ``--resume``.
+- a **packed** student (``detkd export --packed``): a binary detector whose 1-bit conv weights are stored as sign
+  bits, 8 per byte, next to their scales; every other tensor as is. The binarised forward reads only ``sign(w)``
+  and ``alpha``, so a packed file gives **identical** outputs, but the latent real-valued weights are gone: a
+  packed file is for inference only.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from detkd.errors import CheckpointError
+from detkd.models.binary import binary_modules
 from detkd.models.outputs import Detector
 
 STUDENT_FORMAT = "detkd.student"
 TRAIN_FORMAT = "detkd.train"
-PACKED_FORMAT = "detkd.packed"  # a student with bit-packed 1-bit weights (inference only), see models/binary.py
+PACKED_FORMAT = "detkd.packed"  # a student with bit-packed 1-bit weights (inference only)
 VERSION = 1
 
 
@@ -122,8 +128,6 @@ def student_state(ckpt: dict[str, Any]) -> dict[str, Any]:
     if ckpt["format"] == STUDENT_FORMAT:
         return ckpt["model"]
     if ckpt["format"] == PACKED_FORMAT:
-        from detkd.models.binary import unpack_binary_state
-
         return unpack_binary_state(ckpt["packed"])
     prefix = "student."
     return {k[len(prefix) :]: v for k, v in ckpt["trainable"].items() if k.startswith(prefix)}
@@ -161,3 +165,89 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
         raise CheckpointError(f"{path}: detector spec does not fit this detkd version ({exc})") from None
     load_state_checked(detector, student_state(ckpt), path)
     return detector.to(device), ckpt
+
+
+# ----- packed 1-bit students
+def pack_bits(weight: Tensor) -> Tensor:
+    """Sign bits of ``weight`` (1 for ``>= 0``), flattened and packed 8 per ``uint8``, most significant first."""
+    bits = (weight.detach().reshape(-1) >= 0).to(torch.uint8)
+    pad = (-len(bits)) % 8
+    bits = torch.cat([bits, bits.new_zeros(pad)]).view(-1, 8)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    return (bits << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, shape: list[int] | tuple[int, ...]) -> Tensor:
+    """``+1/-1`` float tensor of ``shape`` from :func:`pack_bits`'s bytes."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = ((packed[:, None] >> shifts) & 1).reshape(-1)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return bits[:n].float().mul(2).sub(1).view(*shape)
+
+
+def pack_binary_state(detector: nn.Module) -> dict[str, Any]:
+    """The detector's state with binary conv weights as packed sign bits (see :func:`unpack_binary_state`).
+
+    Returns:
+        ``{"keys": [...state-dict order...], "bits": {key: uint8 tensor}, "shapes": {key: [dims]},
+        "tensors": {key: tensor}}``: binary conv weights in ``bits``, everything else (their scales and biases
+        included) as is in ``tensors``. Only tensors, lists, dicts, ints and strings: loadable with
+        ``weights_only=True``.
+    """
+    binary = {f"{name}.weight" for name in binary_modules(detector)}
+    state = detector.state_dict()
+    bits, shapes, tensors = {}, {}, {}
+    for key, value in state.items():
+        if key in binary:
+            bits[key] = pack_bits(value).cpu()
+            shapes[key] = [int(s) for s in value.shape]
+        else:
+            tensors[key] = value.detach().cpu()
+    return {"keys": list(state), "bits": bits, "shapes": shapes, "tensors": tensors}
+
+
+def unpack_binary_state(packed: dict[str, Any]) -> dict[str, Tensor]:
+    """The full state dict from :func:`pack_binary_state`'s output.
+
+    Binary conv weights come back as ``+1/-1`` latent weights: the same signs, hence the same binarised forward
+    and identical outputs once loaded, but not the trained real values (inference only).
+    """
+    try:
+        out: dict[str, Tensor] = {}
+        for key in packed["keys"]:
+            if key in packed["bits"]:
+                out[key] = unpack_bits(packed["bits"][key], packed["shapes"][key])
+            else:
+                out[key] = packed["tensors"][key]
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"malformed packed state ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def packed_payload(detector: Detector, classes: list[str], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "format": PACKED_FORMAT,
+        "version": VERSION,
+        "spec": dict(detector.spec),
+        "classes": list(classes),
+        "meta": dict(meta or {}),
+        "packed": pack_binary_state(detector),
+    }
+
+
+def save_packed(path: str | Path, detector: Detector, classes: list[str], meta: dict[str, Any] | None = None) -> None:
+    """Write a bit-packed, inference-only student file (atomically)."""
+    save_atomic(packed_payload(detector, classes, meta), path)
+
+
+def load_packed(path: str | Path, device: str | torch.device = "cpu") -> tuple[Detector, dict[str, Any]]:
+    """Rebuild the detector of a :func:`save_packed` file; returns ``(detector, payload)``.
+
+    Raises:
+        CheckpointError: the file is missing, not a packed detkd file, or does not match its spec.
+    """
+    if read_checkpoint(path)["format"] != PACKED_FORMAT:
+        raise CheckpointError(f"{path}: not a detkd packed file (format is not {PACKED_FORMAT!r})")
+    return load_detector(path, device)

@@ -128,5 +128,5 @@ METHODS: Registry[type[Distiller]] = Registry("method")
 
 
 def register(cls: type[Distiller]) -> type[Distiller]:
-    """Class decorator: add a method to the registry under ``cls.name``."""
+    """Add a method to the registry under ``cls.name`` (the built-in ones are registered in ``detkd.methods``)."""
     return METHODS.register(cls.name)(cls)

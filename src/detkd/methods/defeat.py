@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from detkd.methods.base import Distiller, MethodConfig, register
+from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import build_connectors
 from detkd.methods.kd import check_logit_pair
 from detkd.methods.losses import bernoulli_kl, box_masks, shared_roi_outputs, softmax_kl
@@ -49,7 +49,6 @@ def split_mean(values: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
     return pos, neg
 
 
-@register
 class DeFeat(Distiller):
     name = "defeat"
     summary = "decoupled foreground/background feature imitation + decoupled soft labels (Guo et al. CVPR 2021)"

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
 from detkd.errors import BuildError, ConfigError
-from detkd.methods.base import Distiller, MethodConfig, register
+from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import Connector, pair_levels
 from detkd.models.detr.criterion import num_boxes, set_losses
 from detkd.models.detr.matcher import (
@@ -362,7 +362,6 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.net(x.float()), dim=-1)
 
 
-@register
 class DETRDistill(Distiller):
     name = "detrdistill"
     summary = "Hungarian-matched logits, query-masked features, teacher-query assignment group (Chang et al. ICCV 2023)"

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from detkd.methods.base import Distiller, MethodConfig, register
+from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import build_connectors
 from detkd.models.outputs import Detector, DetOutputs
 
@@ -60,7 +60,6 @@ def imitation_masks(
     return masks
 
 
-@register
 class FGFI(Distiller):
     name = "fgfi"
     summary = "fine-grained feature imitation on cells whose anchors overlap objects (Wang et al. CVPR 2019)"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from detkd.methods.base import Distiller, MethodConfig, register
+from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import build_connectors
 from detkd.models.outputs import Detector, DetOutputs
 
@@ -26,7 +26,6 @@ class FitNetConfig(MethodConfig):
     kernel: int = 1
 
 
-@register
 class FitNet(Distiller):
     name = "fitnet"
     summary = "FPN feature imitation through an adapter, MSE over all cells (Romero et al. 2015)"

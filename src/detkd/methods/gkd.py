@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.errors import ConfigError
-from detkd.methods.base import Distiller, MethodConfig, ScheduleConfig, register
+from detkd.methods.base import Distiller, MethodConfig, ScheduleConfig
 from detkd.methods.connectors import build_connectors
 from detkd.methods.kd import check_logit_pair
 from detkd.methods.losses import bernoulli_kl, box_masks, shared_roi_outputs, softmax_kl
@@ -344,7 +344,6 @@ class InstanceSample:
     key: tuple[int, int]
 
 
-@register
 class GKD(Distiller):
     name = "gkd"
     summary = "prototype-weighted decoupled feature and soft-label KD, optional global loss (Tang et al. ECCV 2022)"

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torchvision.ops import nms, roi_align
 
 from detkd.errors import ConfigError
-from detkd.methods.base import Distiller, MethodConfig, register
+from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import build_connectors
 from detkd.methods.losses import box_masks
 from detkd.models.outputs import Detector, DetOutputs
@@ -301,7 +301,6 @@ def select_regions(
     return LevelSelection(indices, kept_cells, mask.to(t_feat.device))
 
 
-@register
 class IDa(Distiller):
     name = "ida"
     summary = "top-discrepancy teacher/student proposals, entropy feature loss; for 1-bit students (Xu et al. 2022)"

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from detkd.errors import BuildError, ConfigError
-from detkd.methods.base import Distiller, MethodConfig, register
+from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.losses import bernoulli_kl, shared_roi_outputs, softmax_kl
 from detkd.models.outputs import Detector, DetOutputs
 
@@ -57,7 +57,6 @@ def dense_soft_count(t_logits: Tensor) -> Tensor:
     return torch.sigmoid(t_logits.float()).amax(-1).sum().clamp(min=1.0)
 
 
-@register
 class KD(Distiller):
     name = "kd"
     summary = "Hinton soft labels: RoI softmax on shared RoIs (two-stage) or dense sigmoid logits (one-stage)"

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkd.errors import BuildError, ConfigError
-from detkd.methods.base import Distiller, MethodConfig, register
+from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import Connector
 from detkd.models.outputs import Detector, DetOutputs
 
@@ -382,7 +382,6 @@ def _backbone_body(detector: Detector) -> nn.Module | None:
     return getattr(backbone, "body", None)
 
 
-@register
 class LGD(Distiller):
     name = "lgd"
     summary = "label-guided self-distillation: a teacher built from labels + student features (Zhang et al. 2022)"

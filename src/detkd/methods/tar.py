@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.errors import BuildError, ConfigError
-from detkd.methods.base import Distiller, MethodConfig, ScheduleConfig, register
+from detkd.methods.base import Distiller, MethodConfig, ScheduleConfig
 from detkd.methods.connectors import build_connectors
 from detkd.methods.kd import check_logit_pair, dense_soft_count
 from detkd.methods.losses import bernoulli_kl, shared_roi_outputs, softmax_kl
@@ -136,7 +136,6 @@ def regression_gate(
     return t_iou > pairwise_iou(ref.float(), gt.float()), t_iou
 
 
-@register
 class TAR(Distiller):
     name = "tar"
     summary = (

@@ -1,5 +1,5 @@
-"""1-bit layers, the Bi-Real/ReActNet binary ResNet-18 backbone (``bireal18``), the binary FPN/RPN of IDa-Det's
-student, and a bit-packed file format for binary detectors.
+"""1-bit layers, the Bi-Real/ReActNet binary ResNet-18 backbone (``bireal18``) and the binary FPN/RPN of IDa-Det's
+student.
 
 Binarisation (as in Bi-Real Net, arXiv 1808.00278, and IDa-Det's ``BiConv``):
 
@@ -24,27 +24,22 @@ statistics frozen (``norm_eval``). detkd has no such weights, so ``bireal18`` tr
 (training-mode) BatchNorm; when ``backbone_weights`` names a file, the usual detkd rule applies (frozen BN, stem and
 first stage frozen), which is IDa-Det's setting. See ``configs/frcnn_bireal18.yaml`` for a recommended recipe.
 
-Packed files: :func:`save_packed` stores each binary conv's weight as sign bits, 8 per byte, next to its scale;
-every other tensor is stored as is. The binarised forward reads only ``sign(w)`` and ``alpha``, so a packed file
-gives **identical** outputs, but the latent real-valued weights are gone: a packed file is for inference only.
+The bit-packed file format for binary detectors lives beside the other checkpoint formats, in
+``detkd.engine.checkpoint`` (``save_packed``/``load_packed``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detkd.errors import BuildError, CheckpointError
-from detkd.models.backbones import BACKBONES, Body
+from detkd.errors import BuildError
+from detkd.models.backbones import Body
 from detkd.models.outputs import Detector
-
-PACKED_FORMAT = "detkd.packed"
-PACKED_VERSION = 1
 
 
 def binarize(x: Tensor) -> Tensor:
@@ -203,8 +198,8 @@ class BiRealResNet18(nn.Module):
         return out
 
 
-@BACKBONES.register("bireal18")
-def _bireal18(frozen_bn: bool) -> Body:
+def bireal18(frozen_bn: bool) -> Body:
+    """The Bi-Real binary ResNet-18 body (registered as backbone ``bireal18`` in ``detkd.models.detectors``)."""
     net = BiRealResNet18(FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
     # No published weights: `backbone_weights` must name a file (a state dict of this body).
     return Body(net, {f"c{i + 2}": w for i, w in enumerate(BiRealResNet18.widths)}, None, net)
@@ -245,92 +240,3 @@ def binarize_neck(detector: Detector) -> Detector:
 def binary_modules(model: nn.Module) -> dict[str, BinaryConv2d]:
     """Qualified name -> every :class:`BinaryConv2d` of ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, BinaryConv2d)}
-
-
-def pack_bits(weight: Tensor) -> Tensor:
-    """Sign bits of ``weight`` (1 for ``>= 0``), flattened and packed 8 per ``uint8``, most significant first."""
-    bits = (weight.detach().reshape(-1) >= 0).to(torch.uint8)
-    pad = (-len(bits)) % 8
-    bits = torch.cat([bits, bits.new_zeros(pad)]).view(-1, 8)
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
-    return (bits << shifts).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, shape: list[int] | tuple[int, ...]) -> Tensor:
-    """``+1/-1`` float tensor of ``shape`` from :func:`pack_bits`'s bytes."""
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = ((packed[:, None] >> shifts) & 1).reshape(-1)
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return bits[:n].float().mul(2).sub(1).view(*shape)
-
-
-def pack_binary_state(detector: nn.Module) -> dict[str, Any]:
-    """The detector's state with binary conv weights as packed sign bits (see :func:`unpack_binary_state`).
-
-    Returns:
-        ``{"keys": [...state-dict order...], "bits": {key: uint8 tensor}, "shapes": {key: [dims]},
-        "tensors": {key: tensor}}``: binary conv weights in ``bits``, everything else (their scales and biases
-        included) as is in ``tensors``. Only tensors, lists, dicts, ints and strings: loadable with
-        ``weights_only=True``.
-    """
-    binary = {f"{name}.weight" for name in binary_modules(detector)}
-    state = detector.state_dict()
-    bits, shapes, tensors = {}, {}, {}
-    for key, value in state.items():
-        if key in binary:
-            bits[key] = pack_bits(value).cpu()
-            shapes[key] = [int(s) for s in value.shape]
-        else:
-            tensors[key] = value.detach().cpu()
-    return {"keys": list(state), "bits": bits, "shapes": shapes, "tensors": tensors}
-
-
-def unpack_binary_state(packed: dict[str, Any]) -> dict[str, Tensor]:
-    """The full state dict from :func:`pack_binary_state`'s output.
-
-    Binary conv weights come back as ``+1/-1`` latent weights: the same signs, hence the same binarised forward
-    and identical outputs once loaded, but not the trained real values (inference only).
-    """
-    try:
-        out: dict[str, Tensor] = {}
-        for key in packed["keys"]:
-            if key in packed["bits"]:
-                out[key] = unpack_bits(packed["bits"][key], packed["shapes"][key])
-            else:
-                out[key] = packed["tensors"][key]
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"malformed packed state ({type(exc).__name__}: {exc})") from None
-    return out
-
-
-def packed_payload(detector: Detector, classes: list[str], meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "format": PACKED_FORMAT,
-        "version": PACKED_VERSION,
-        "spec": dict(detector.spec),
-        "classes": list(classes),
-        "meta": dict(meta or {}),
-        "packed": pack_binary_state(detector),
-    }
-
-
-def save_packed(path: str | Path, detector: Detector, classes: list[str], meta: dict[str, Any] | None = None) -> None:
-    """Write a bit-packed, inference-only student file (atomically)."""
-    from detkd.engine.checkpoint import save_atomic
-
-    save_atomic(packed_payload(detector, classes, meta), path)
-
-
-def load_packed(path: str | Path, device: str | torch.device = "cpu") -> tuple[Detector, dict[str, Any]]:
-    """Rebuild the detector of a :func:`save_packed` file; returns ``(detector, payload)``.
-
-    Raises:
-        CheckpointError: the file is missing, not a packed detkd file, or does not match its spec.
-    """
-    from detkd.engine.checkpoint import load_detector, read_checkpoint
-
-    if read_checkpoint(path)["format"] != PACKED_FORMAT:
-        raise CheckpointError(f"{path}: not a detkd packed file (format is not {PACKED_FORMAT!r})")
-    return load_detector(path, device)

@@ -16,6 +16,8 @@ from typing import Any
 
 from detkd.errors import BuildError, ConfigError
 from detkd.models.backbones import BACKBONES, FPNBackbone, freeze_stages, load_backbone_weights
+from detkd.models.binary import binarize_neck, bireal18
+from detkd.models.detr import DETR_FAMILIES
 from detkd.models.outputs import Detector
 from detkd.models.torchvision_adapter import build_faster_rcnn, build_fcos, build_retinanet
 from detkd.registry import Registry
@@ -66,8 +68,6 @@ def _fpn_family(levels: tuple[str, ...], build: Callable[..., Detector], anchor_
         fpn = FPNBackbone(body, levels, preset["fpn_channels"])
         detector = build(fpn, num_classes, dict(preset, anchor_scale=preset[anchor_key]), spec)
         if spec.get("binary_neck"):
-            from detkd.models.binary import binarize_neck
-
             binarize_neck(detector)
         return detector
 
@@ -77,6 +77,10 @@ def _fpn_family(levels: tuple[str, ...], build: Callable[..., Detector], anchor_
 FAMILIES.register("frcnn")(_fpn_family(("p2", "p3", "p4", "p5", "p6"), build_faster_rcnn, "two_stage_anchor_scale"))
 FAMILIES.register("retinanet")(_fpn_family(("p3", "p4", "p5", "p6", "p7"), build_retinanet, "one_stage_anchor_scale"))
 FAMILIES.register("fcos")(_fpn_family(("p3", "p4", "p5", "p6", "p7"), build_fcos, "one_stage_anchor_scale"))
+# Every family and backbone defined outside this file and backbones.py is registered here, by explicit import.
+for _name, _build in DETR_FAMILIES.items():
+    FAMILIES.register(_name)(_build)
+BACKBONES.register("bireal18")(bireal18)
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""DETR family in pure PyTorch (no custom CUDA op), registered as detector families on import.
+"""DETR family in pure PyTorch (no custom CUDA op); ``detkd.models.detectors`` registers these families.
 
 - ``deformable_detr_<backbone>``: Deformable DETR, 4 levels (``p3..p6``), multi-scale deformable attention via
   ``grid_sample``; ``deformable_detr_refine_<backbone>`` adds iterative box refinement.
@@ -21,7 +21,6 @@ from typing import Any
 
 from detkd.errors import ConfigError
 from detkd.models.backbones import BACKBONES, freeze_stages, load_backbone_weights
-from detkd.models.detectors import FAMILIES
 from detkd.models.detr.adapter import DETRDetector
 from detkd.models.detr.conditional import ConditionalTransformer
 from detkd.models.detr.criterion import SetCriterion
@@ -29,7 +28,7 @@ from detkd.models.detr.deformable import DeformableTransformer
 from detkd.models.detr.matcher import HungarianMatcher
 from detkd.models.detr.neck import ChannelMapper
 
-__all__ = ["DETR_PRESETS", "DETRDetector"]
+__all__ = ["DETR_FAMILIES", "DETR_PRESETS", "DETRDetector"]
 
 DETR_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "deformable": {
@@ -78,6 +77,9 @@ def _family(variant: str, box_refine: bool = False) -> Callable[..., DETRDetecto
     return family
 
 
-FAMILIES.register("deformable_detr")(_family("deformable"))
-FAMILIES.register("deformable_detr_refine")(_family("deformable", box_refine=True))
-FAMILIES.register("conditional_detr")(_family("conditional"))
+# Family name -> builder, as ``detkd.models.detectors.FAMILIES`` takes them.
+DETR_FAMILIES: dict[str, Callable[..., DETRDetector]] = {
+    "deformable_detr": _family("deformable"),
+    "deformable_detr_refine": _family("deformable", box_refine=True),
+    "conditional_detr": _family("conditional"),
+}
