@@ -17,6 +17,8 @@ import yaml
 
 from detkd.errors import ConfigError
 
+AmpMode = Literal["auto", "off", "bf16", "fp16"]
+
 
 @dataclass
 class DataConfig:
@@ -77,7 +79,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on CPU
+    amp: AmpMode = "auto"  # auto: bf16 on CUDA, off on CPU
     max_nonfinite: int = 20  # abort after this many consecutive non-finite losses
     progress: bool = True
     tensorboard: bool = True

@@ -244,6 +244,15 @@ class MethodEpochs(Hook):
                 distiller.on_epoch_start(epoch, self.context)
 
 
+class MethodSteps(Hook):
+    """Calls each distiller's ``before_optimizer_step(step)`` once the step's gradients exist (LGD's own
+    gradient handling, for example)."""
+
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        for distiller in trainer.model.distillers.values():
+            distiller.before_optimizer_step(trainer.iter)
+
+
 class KDActivityCheck(Hook):
     """Warns when a distillation term was exactly zero over the first ``window`` steps (KD silently off), on any rank.
 

@@ -1,7 +1,11 @@
-"""Assemble a run from a :class:`Config`: data, student, teacher, distillers, optimiser, hooks; then train.
+"""Assemble a run from a :class:`Config` and train it: ``detkd train`` and ``detkd distill`` both end here.
 
-``detkd train`` and ``detkd distill`` both end here. Under ``torchrun`` each process calls :func:`run` and the
-process group is set up from the environment; only rank 0 writes files.
+:func:`run` reads as its steps: :func:`start_process` (device, threads, process group), :func:`check_run_folder`,
+:func:`build_run` (data, student, teacher, distillers, optimiser: everything that can fail on bad input),
+:func:`restore` (``--resume``: every piece of a training checkpoint is read back there, and nowhere else),
+:func:`prepare_run_folder` (the first write), :func:`make_hooks`, :func:`make_trainer`, the training, and
+:func:`summarize`. Under ``torchrun`` each process calls :func:`run` and the process group is set up from the
+environment; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,9 +37,10 @@ from detkd.engine.hooks import (
     Logger,
     LRSchedule,
     MethodEpochs,
+    MethodSteps,
     set_rng_state,
 )
-from detkd.engine.trainer import Trainer, amp_dtype
+from detkd.engine.trainer import Hook, Trainer
 from detkd.errors import CheckpointError, ConfigError, DataError, DetkdError
 from detkd.models import Detector, build_detector
 
@@ -65,7 +70,6 @@ def select_device(name: str) -> torch.device:
         raise ConfigError(f"train.device: unknown device {name!r}") from None
 
 
-SCHEDULES = ("step", "cosine", "constant")
 # Only rank 0 evaluates, while the other ranks wait in their next collective: the timeout must outlast an evaluation.
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 
@@ -153,9 +157,7 @@ def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimi
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise ConfigError(f"optim.name must be sgd or adamw, got {cfg.name!r}")
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def check_teacher(teacher: Detector, dataset: Any, images: int, batch_size: int) -> dict[str, Any]:
@@ -190,40 +192,67 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS reports bytes, Linux KiB
 
 
-def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train (and distil, if ``cfg.distill.methods``) as configured; returns the final summary.
+@dataclass
+class Process:
+    """This process's place in the job: its device and its rank among ``world`` processes."""
 
-    Raises:
-        DetkdError: for anything the user can fix; files already written are left untouched.
-    """
-    from detkd.data import build_dataset, build_train_loader, build_transforms
-    from detkd.engine.evaluate import run_evaluation
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False  # whether this process created the process group (and destroys it at the end)
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: the run folder (--out) is an existing file")
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_process(cfg: Config) -> Process:
+    """Pick the device, set the CPU threads and join the process group ``torchrun`` describes."""
     device = select_device(cfg.train.device)
     if cfg.train.threads is not None:
         if cfg.train.threads < 1:
             raise ConfigError(f"train.threads must be >= 1, got {cfg.train.threads}")
         torch.set_num_threads(cfg.train.threads)
-    amp_dtype(cfg.train.amp, device)  # settings read only later are checked now, before anything is written
-    if cfg.optim.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     rank, world, owns_group = init_distributed(device)
-    main = rank == 0
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    return Process(device, rank, world, owns_group)
+
+
+def check_run_folder(out: Path, resume: bool, process: Process) -> None:
+    """Refuse a run folder that already holds a run (unless resuming), or a resume with nothing to resume."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: the run folder (--out) is an existing file")
+    if not process.main:
+        return
     last = out / "last.pt"
-    if main:
-        if last.exists() and not resume:
-            raise ConfigError(
-                f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out"
-            )
-        if resume and not last.exists():
-            raise ConfigError(f"--resume: {last} not found (nothing to resume in {out})")
-    torch.manual_seed(cfg.train.seed + rank)
+    if last.exists() and not resume:
+        raise ConfigError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    if resume and not last.exists():
+        raise ConfigError(f"--resume: {last} not found (nothing to resume in {out})")
+
+
+@dataclass
+class Run:
+    """Everything :func:`build_run` assembles for one training run."""
+
+    cfg: Config
+    out: Path
+    process: Process
+    train_set: Any
+    val_set: Any
+    classes: list[str]
+    student: Detector
+    model: DistillModel
+    optimizer: torch.optim.Optimizer
+    iters_per_epoch: int
+    teacher_metrics: dict[str, Any] | None = None
+
+
+def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) -> Run:
+    """Data, student, teacher (checked on a few val images), distillers, model and optimiser; writes nothing."""
+    from detkd.data import build_dataset, build_transforms
 
     train_set = build_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
     val_set = build_dataset(cfg.data.root, cfg.data.val_split, cfg.data.format, build_transforms(cfg.data, False))
@@ -254,8 +283,8 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
                 f"{cfg.distill.teacher}: the teacher was trained on classes {t_ckpt.get('classes')}, "
                 f"the data has {classes}"
             )
-        teacher.to(device)
-        if cfg.distill.check_teacher > 0 and not resume and main:
+        teacher.to(process.device)
+        if cfg.distill.check_teacher > 0 and not resume and process.main:
             teacher_metrics = check_teacher(teacher, val_set, cfg.distill.check_teacher, cfg.data.batch_size)
             log.info(
                 "teacher check on %d val images: mAP %.3f, mAP@0.5 %.3f",
@@ -264,56 +293,114 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
                 teacher_metrics["AP50"],
             )
     distillers = build_distillers(cfg.distill.methods, cfg.distill.options, student, teacher)
-    iters_per_epoch = max(1, math.ceil(len(train_set) / (cfg.data.batch_size * world)))
+    iters_per_epoch = max(1, math.ceil(len(train_set) / (cfg.data.batch_size * process.world)))
     model = DistillModel(student, teacher, distillers, cfg.distill.weights, cfg.train.iters, iters_per_epoch)
-    model.to(device)
+    model.to(process.device)
     optimizer = build_optimizer(cfg.optim, model)
-
-    trainer_state: dict[str, Any] = {}
-    start_iter = 0
-    if resume:
-        ckpt = read_checkpoint(last)
-        if ckpt["format"] != "detkd.train":
-            raise CheckpointError(f"{last}: not a training checkpoint")
-        load_state_checked(model.trainable_module, ckpt["trainable"], last)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{last}: optimiser state does not fit this run ({exc})") from None
-        start_iter = int(ckpt["iter"])
-        trainer_state = ckpt
-        if start_iter >= cfg.train.iters:
-            log.info("%s already finished (%d/%d steps)", out, start_iter, cfg.train.iters)
-
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model.trainable_forward = DDP(
-            model.trainable_module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(distillers),
-        )
-
-    if main:
-        # Everything that can fail on bad input has been checked: only now is the run folder touched.
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("log.jsonl", "eval.jsonl"):
-            trim_jsonl(out / name, start_iter)
-        save_config(cfg, out / "config.yaml")
-    extra = {"config": to_dict(cfg), "spec": dict(student.spec), "classes": classes}
-    context = RunContext(
-        build_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, False)),
-        device,
-        cfg.data.batch_size,
-        iters_per_epoch,
-        cfg.train.iters,
-        out,
+    return Run(
+        cfg, out, process, train_set, val_set, classes, student, model, optimizer, iters_per_epoch, teacher_metrics
     )
+
+
+@dataclass
+class Restored:
+    """What a training checkpoint holds beyond the weights and the optimiser: where and how the loop stopped."""
+
+    path: Path
+    iter: int = 0
+    scaler: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
+    nonfinite_total: int = 0
+    rng: list[dict[str, Any]] = field(default_factory=list)
+
+    def apply(self, trainer: Trainer, run: Run) -> None:
+        """Give the trainer the loop state and this rank its random streams (just before training)."""
+        trainer.scaler.load_state_dict(self.scaler)
+        trainer.best = dict(self.best or trainer.best)
+        trainer.nonfinite_total = self.nonfinite_total
+        rank, world = run.process.rank, run.process.world
+        if len(self.rng) != world:
+            log.warning(
+                "%s was written by %d process(es), this run has %d: the random streams restart from the seed",
+                self.path,
+                len(self.rng),
+                world,
+            )
+            torch.manual_seed(hash((run.cfg.train.seed, rank, self.iter)) % 2**63)
+        else:
+            set_rng_state(self.rng[rank], run.process.device)
+
+
+def restore(run: Run, last: Path) -> Restored:
+    """Load a training checkpoint's weights and optimiser state into ``run``; returns the rest (see
+    :class:`Restored`)."""
+    ckpt = read_checkpoint(last)
+    if ckpt["format"] != "detkd.train":
+        raise CheckpointError(f"{last}: not a training checkpoint")
+    load_state_checked(run.model.trainable_module, ckpt["trainable"], last)
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{last}: optimiser state does not fit this run ({exc})") from None
+    rng = ckpt["rng"]
+    restored = Restored(
+        last,
+        iter=int(ckpt["iter"]),
+        scaler=ckpt.get("scaler", {}),
+        best=ckpt.get("best"),
+        nonfinite_total=int(ckpt.get("nonfinite_total", 0)),
+        rng=rng if isinstance(rng, list) else [rng],  # older checkpoints: rank 0's state alone
+    )
+    if restored.iter >= run.cfg.train.iters:
+        log.info("%s already finished (%d/%d steps)", run.out, restored.iter, run.cfg.train.iters)
+    return restored
+
+
+def wrap_distributed(run: Run) -> None:
+    """Under several processes, the trainable part (student + distillers) runs as DistributedDataParallel."""
+    if run.process.world <= 1:
+        return
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device = run.process.device
+    run.model.trainable_forward = DDP(
+        run.model.trainable_module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(run.model.distillers),
+    )
+
+
+def prepare_run_folder(run: Run, start_iter: int) -> None:
+    """The first write of a run, once everything that can fail on bad input has been checked: the folder, logs
+    trimmed to the checkpoint's step, the resolved config."""
+    if not run.process.main:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    for name in ("log.jsonl", "eval.jsonl"):
+        trim_jsonl(run.out / name, start_iter)
+    save_config(run.cfg, run.out / "config.yaml")
+
+
+@dataclass
+class Hooks:
+    """The trainer's hook list, in order, with the two hooks the summary reads."""
+
+    all: list[Hook]
+    logger: Logger
+    evaluator: Evaluator
+
+
+def make_hooks(run: Run) -> Hooks:
+    """LR schedule, method callbacks (epochs, steps, activity check), logs, evaluation, checkpoints, in that order."""
+    from detkd.data import build_dataset, build_transforms
+    from detkd.engine.evaluate import run_evaluation
+
+    cfg, out, main = run.cfg, run.out, run.process.main
 
     def evaluate(detector: Detector) -> dict[str, Any]:
         return run_evaluation(
             detector.predict,
-            val_set,
+            run.val_set,
             batch_size=cfg.data.batch_size,
             max_images=cfg.data.val_max_images,
             workers=cfg.data.workers,
@@ -321,74 +408,104 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         )
 
     logger = Logger(out, cfg.train.log_every, cfg.train.progress, cfg.train.tensorboard, enabled=main)
-    evaluator = Evaluator(evaluate, out, cfg.train.eval_every, classes, enabled=main)
-    hooks = [LRSchedule(cfg.optim)]
-    if distillers:
-        hooks += [MethodEpochs(iters_per_epoch, context), KDActivityCheck()]
+    evaluator = Evaluator(evaluate, out, cfg.train.eval_every, run.classes, enabled=main)
+    hooks: list[Hook] = [LRSchedule(cfg.optim)]
+    if run.model.distillers:
+        context = RunContext(
+            build_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, False)),
+            run.process.device,
+            cfg.data.batch_size,
+            run.iters_per_epoch,
+            cfg.train.iters,
+            out,
+        )
+        hooks += [MethodEpochs(run.iters_per_epoch, context), MethodSteps(), KDActivityCheck()]
+    extra = {"config": to_dict(cfg), "spec": dict(run.student.spec), "classes": run.classes}
     # The evaluator runs before the checkpointer, so a checkpoint taken at an evaluation step holds its best score.
-    hooks += [logger, evaluator, Checkpointer(out, cfg.train.ckpt_every, extra, classes, enabled=main)]
+    hooks += [logger, evaluator, Checkpointer(out, cfg.train.ckpt_every, extra, run.classes, enabled=main)]
+    return Hooks(hooks, logger, evaluator)
 
-    data = build_train_loader(train_set, cfg.data.batch_size, cfg.train.seed, cfg.data.workers, rank, world, start_iter)
-    trainer = Trainer(
-        model,
-        optimizer,
+
+def make_trainer(run: Run, hooks: list[Hook], start_iter: int) -> Trainer:
+    """The loop over the training data, from step ``start_iter`` (the loader skips the batches already seen)."""
+    from detkd.data import build_train_loader
+
+    cfg, process = run.cfg, run.process
+    data = build_train_loader(
+        run.train_set, cfg.data.batch_size, cfg.train.seed, cfg.data.workers, process.rank, process.world, start_iter
+    )
+    return Trainer(
+        run.model,
+        run.optimizer,
         iter(data),
         cfg.train.iters,
         hooks,
-        device,
+        process.device,
         cfg.train.amp,
         cfg.optim.clip_grad_norm,
         cfg.optim.clip_grad_value,
         cfg.train.max_nonfinite,
         start_iter,
     )
-    if trainer_state:
-        trainer.scaler.load_state_dict(trainer_state.get("scaler", {}))
-        trainer.best = dict(trainer_state.get("best", trainer.best))
-        trainer.nonfinite_total = int(trainer_state.get("nonfinite_total", 0))
-        rng = trainer_state["rng"]
-        rng = rng if isinstance(rng, list) else [rng]  # older checkpoints: rank 0's state alone
-        if len(rng) != world:
-            log.warning(
-                "%s was written by %d process(es), this run has %d: the random streams restart from the seed",
-                last,
-                len(rng),
-                world,
-            )
-            torch.manual_seed(hash((cfg.train.seed, rank, start_iter)) % 2**63)
-        else:
-            set_rng_state(rng[rank], device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    trainer.run()
-    summary = {
-        "out": str(out),
+
+
+def summarize(run: Run, trainer: Trainer, hooks: Hooks, start_iter: int, train_time: float) -> dict[str, Any]:
+    """The run's ``final.json``: steps, time, memory, metrics, best score, method activity, machine."""
+    device = run.process.device
+    last = hooks.evaluator.last
+    return {
+        "out": str(run.out),
         "iters": trainer.iter,
         "resumed_from": start_iter or None,
-        "train_time_s": round(time.perf_counter() - start, 2),
-        "step_time_s": logger.steady_step_time(),
+        "train_time_s": round(train_time, 2),
+        "step_time_s": hooks.logger.steady_step_time(),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "nonfinite_steps": trainer.nonfinite_total,
-        "metrics": {k: v for k, v in evaluator.last.items() if k != "per_class"},
-        "per_class_AP": evaluator.last.get("per_class"),
+        "metrics": {k: v for k, v in last.items() if k != "per_class"},
+        "per_class_AP": last.get("per_class"),
         "best": trainer.best,
-        "teacher_check": teacher_metrics,
+        "teacher_check": run.teacher_metrics,
         "kd_active": trainer.state.get("kd_active"),
         "kd_per_rank": trainer.state.get("kd_per_rank"),
-        "student_params": sum(p.numel() for p in student.parameters()),
+        "student_params": sum(p.numel() for p in run.student.parameters()),
         "machine": {
             "device": str(device),
             "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
-            "world_size": world,
+            "world_size": run.process.world,
         },
     }
-    if main:
+
+
+def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train (and distil, if ``cfg.distill.methods``) as configured; returns the final summary.
+
+    Raises:
+        DetkdError: for anything the user can fix; files already written are left untouched.
+    """
+    out = Path(out)
+    process = start_process(cfg)
+    check_run_folder(out, resume, process)
+    torch.manual_seed(cfg.train.seed + process.rank)
+    built = build_run(cfg, out, process, resume)
+    restored = restore(built, out / "last.pt") if resume else None
+    start_iter = restored.iter if restored else 0
+    wrap_distributed(built)
+    prepare_run_folder(built, start_iter)
+    hooks = make_hooks(built)
+    trainer = make_trainer(built, hooks.all, start_iter)
+    if restored:
+        restored.apply(trainer, built)
+    if process.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(process.device)
+    start = time.perf_counter()
+    trainer.run()
+    summary = summarize(built, trainer, hooks, start_iter, time.perf_counter() - start)
+    if process.main:
         (out / "final.json").write_text(json.dumps(json_safe(summary), indent=2))
-    if world > 1:
+    if process.world > 1:
         dist.barrier()
-    if owns_group:
+    if process.owns_group:
         dist.destroy_process_group()
     return summary

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from detkd.config import AmpMode
 from detkd.distill import DistillModel
 from detkd.errors import DetkdError
 
@@ -25,6 +26,7 @@ class Hook:
 
     def before_train(self, trainer: Trainer) -> None: ...
     def before_step(self, trainer: Trainer) -> None: ...
+    def before_optimizer_step(self, trainer: Trainer) -> None: ...  # gradients ready (unscaled), not yet clipped
     def after_step(self, trainer: Trainer) -> None: ...
     def after_train(self, trainer: Trainer) -> None: ...
     def close(self, trainer: Trainer) -> None: ...
@@ -38,22 +40,19 @@ def move_to(images: list[Tensor], targets: list[dict], device: torch.device) -> 
     return images, targets
 
 
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+def amp_dtype(mode: AmpMode, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.amp``: ``auto`` = bf16 on CUDA, none on CPU."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode in ("auto", "bf16"):
-        return torch.bfloat16
-    if mode == "fp16":
-        return torch.float16
-    raise DetkdError(f"train.amp must be auto, off, bf16 or fp16, got {mode!r}")
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 class Trainer:
     """Runs ``max_iters`` optimisation steps of a :class:`DistillModel`.
 
-    Public state hooks use: ``iter`` (steps completed), ``max_iters``, ``record`` (last step's losses and stats),
-    ``step_time``, ``nonfinite_total``, ``best`` (best eval score and its step), ``state`` (free dict).
+    :meth:`run` is the loop; :meth:`run_step` is one whole training step (the benchmark's step timing calls it
+    alone). Public state hooks use: ``iter`` (steps completed), ``max_iters``, ``record`` (last step's losses and
+    stats), ``step_time``, ``nonfinite_total``, ``best`` (best eval score and its step), ``state`` (free dict).
 
     Args:
         model: the model (student, teacher, distillers).
@@ -77,7 +76,7 @@ class Trainer:
         max_iters: int,
         hooks: list[Hook],
         device: torch.device,
-        amp: str = "auto",
+        amp: AmpMode = "auto",
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         max_nonfinite: int = 20,
@@ -131,6 +130,8 @@ class Trainer:
         return bool(finite)
 
     def run_step(self) -> None:
+        """One optimisation step on the next batch: forward, backward, ``before_optimizer_step`` hooks, clipping,
+        optimiser step; ``record`` holds its losses. Does not advance ``iter`` (:meth:`run` does)."""
         start = time.perf_counter()
         self.model.train()
         images, targets = next(self.data)
@@ -145,8 +146,8 @@ class Trainer:
             return
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
-        for distiller in self.model.distillers.values():
-            distiller.before_optimizer_step(self.iter)
+        for hook in self.hooks:
+            hook.before_optimizer_step(self)
         if self.clip_grad_value is not None:
             torch.nn.utils.clip_grad_value_(self.params, self.clip_grad_value)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm or math.inf)
