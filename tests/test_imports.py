@@ -28,8 +28,6 @@ FLOORS = {
     "detkd.distill": 4,
     "detkd.engine": 5,
     "detkd.bench": 6,
-    "detkd.bench_timing": 6,
-    "detkd.bench_report": 6,
     "detkd.export": 6,
     "detkd.report": 6,
     "detkd.api": 6,

@@ -72,6 +72,10 @@ class Distiller(nn.Module):
         teacher_head: True if the teacher's head outputs (proposals, dense logits...) are needed, not only its
             features.
         kinds: student kinds the method supports (``two_stage``, ``one_stage``, ``detr``).
+        benchmark_goal: True puts the method in the benchmark's goals table (``detkd bench``): its row must beat
+            the student baseline by more than twice the baseline's seed spread.
+        paper_gap_closed: the share of the teacher-student mAP gap the method's paper reports closing (1.0 = the
+            student reaches its teacher), shown next to the measured share; None when the paper states none.
     """
 
     name: ClassVar[str] = ""
@@ -80,6 +84,8 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = True
     teacher_head: ClassVar[bool] = False
     kinds: ClassVar[tuple[str, ...]] = ("two_stage", "one_stage")
+    benchmark_goal: ClassVar[bool] = False
+    paper_gap_closed: ClassVar[float | None] = None
 
     def __init__(self, cfg: MethodConfig, student: Detector, teacher: Detector | None):
         super().__init__()

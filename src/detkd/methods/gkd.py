@@ -348,6 +348,8 @@ class GKD(Distiller):
     name = "gkd"
     summary = "prototype-weighted decoupled feature and soft-label KD, optional global loss (Tang et al. ECCV 2022)"
     Config = GKDConfig
+    benchmark_goal = True
+    paper_gap_closed = 1.57
 
     def __init__(self, cfg: GKDConfig, student: Detector, teacher: Detector | None):
         super().__init__(cfg, student, teacher)

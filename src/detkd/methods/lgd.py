@@ -388,6 +388,7 @@ class LGD(Distiller):
     Config = LGDConfig
     needs_teacher = False
     kinds = ("two_stage", "one_stage")
+    benchmark_goal = True  # teacher-free: no gap to close
 
     def __init__(self, cfg: LGDConfig, student: Detector, teacher: Detector | None):
         super().__init__(cfg, student, teacher)

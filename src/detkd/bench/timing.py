@@ -4,15 +4,17 @@ The student's training step, the teacher's forward and each method's distillatio
 same pre-loaded batches, so a slow minute on a shared machine slows all of them alike and their ratios stay
 meaningful. Medians over the timed rounds are reported.
 
-Timed steps do the whole training step (forward, backward, gradient norm, optimiser step) at learning rate 0: the
-weights stay those of the trained checkpoint, so every row does the same work at every step. Letting the copies
-train would let a row's weights drift, and a row whose loss diverges (NaN weights) makes its proposals and NMS
-degenerate and its step *cheaper* than the student's own.
+Timed steps are the trainer's own training step (:meth:`detkd.engine.trainer.Trainer.run_step`: forward, backward,
+the methods' per-step hooks, clipping, optimiser step) at learning rate 0: the weights stay those of the trained
+checkpoint, so every row does the same work at every step. Letting the copies train would let a row's weights
+drift, and a row whose loss diverges (NaN weights) makes its proposals and NMS degenerate and its step *cheaper*
+than the student's own.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import statistics
@@ -36,31 +38,42 @@ def _median_time(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def frozen_train_step(model: Any, optim_cfg: Any, batches: list[Any], step: int = 500) -> Any:
-    """A function doing one full training step of ``model`` (a DistillModel) on ``batches`` in turn, at learning
-    rate 0 (see the module docstring); it returns whether the step's loss was finite."""
+def frozen_trainer(model: Any, optim_cfg: Any, batches: list[Any], step: int = 500) -> Any:
+    """A :class:`~detkd.engine.trainer.Trainer` of ``model`` (a DistillModel) cycling over ``batches``, at learning
+    rate 0 (see the module docstring) and held at step ``step``; each ``run_step()`` is one whole training step,
+    the trainer's own, with the methods' per-step hooks, and never stops on non-finite losses (they are counted
+    in ``nonfinite_total``)."""
+    from detkd.engine.hooks import MethodSteps
     from detkd.engine.launch import build_optimizer
+    from detkd.engine.trainer import Trainer
 
     optimizer = build_optimizer(optim_cfg, model)
     for group in optimizer.param_groups:
         group["lr"] = 0.0
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    clip = optim_cfg.clip_grad_norm or math.inf
-    state = {"i": 0}
+    return Trainer(
+        model,
+        optimizer,
+        itertools.cycle(batches),
+        max_iters=step + 1,
+        hooks=[MethodSteps()],
+        device=torch.device("cpu"),
+        amp="off",
+        clip_grad_norm=optim_cfg.clip_grad_norm,
+        clip_grad_value=optim_cfg.clip_grad_value,
+        max_nonfinite=math.inf,
+        start_iter=step,
+    )
+
+
+def frozen_train_step(model: Any, optim_cfg: Any, batches: list[Any], step: int = 500) -> Any:
+    """A function doing one training step of :func:`frozen_trainer`; it returns whether the step's loss (and
+    gradient) were finite."""
+    trainer = frozen_trainer(model, optim_cfg, batches, step)
 
     def run() -> bool:
-        images, targets = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        model.train()
-        losses, _ = model(images, targets, step=step)
-        total = torch.stack([v.float() for v in losses.values()]).sum()
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        for d in model.distillers.values():
-            d.before_optimizer_step(step)
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        return bool(torch.isfinite(total))
+        skipped = trainer.nonfinite_total
+        trainer.run_step()
+        return trainer.nonfinite_total == skipped
 
     return run
 
@@ -100,13 +113,12 @@ def time_pair(
         meaningless), ``latency_ms`` (model -> one-image predict),
         ``cost`` (model name -> accounting) and ``steps``.
     """
-    import detkd.methods  # noqa: F401  (registration)
     from detkd.config import load_config
     from detkd.data import build_dataset, build_train_loader, build_transforms
     from detkd.distill import DistillModel, build_distillers
     from detkd.engine.checkpoint import load_detector
     from detkd.engine.launch import RunContext
-    from detkd.methods.base import METHODS
+    from detkd.methods import METHODS
 
     cfg = load_config(overrides=overrides)
     train_set = build_dataset(data, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))

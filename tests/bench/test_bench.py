@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from detkd.bench import SUITES, Bench, aggregate
-from detkd.bench_report import goals, render_markdown
+from detkd.bench.report import aggregate, goals, render_markdown
+from detkd.bench.runner import Bench
+from detkd.bench.suites import SUITES
 
 
 @pytest.mark.parametrize("suite", sorted(SUITES))
 def test_every_suite_plans_registered_detectors_and_methods(suite, tmp_path):
-    import detkd.methods  # noqa: F401
-    from detkd.methods.base import METHODS
+    from detkd.methods import METHODS
     from detkd.models.detectors import split_name
 
     bench = Bench(SUITES[suite], tmp_path)
@@ -108,7 +108,7 @@ def test_rows_of_a_failed_teacher_are_dropped_and_the_rest_run(tmp_path, monkeyp
 
 
 def test_a_resumed_suite_keeps_its_timing_unless_a_checkpoint_changed(tmp_path, monkeypatch):
-    from detkd import bench_timing
+    from detkd.bench import timing as bench_timing
 
     bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["lgd"])
     baseline = bench.run_dir(next(s for s in bench.plan() if s.row == "baseline")) / "student.pt"
@@ -235,8 +235,7 @@ def test_teacher_free_row_in_a_teacher_pair_is_timed_against_the_student_alone()
 
 
 def test_timed_steps_keep_the_weights_even_when_the_loss_blows_up(batch):
-    import detkd.methods  # noqa: F401  (registration)
-    from detkd.bench_timing import frozen_train_step
+    from detkd.bench.timing import frozen_train_step
     from detkd.config import load_config
     from detkd.distill import DistillModel, build_distillers
     from tests.conftest import tiny
@@ -279,8 +278,26 @@ def test_goal_evidence_states_the_same_wall_clock_gain():
     results["table"] = aggregate(results)
     evidence = {goal: text for goal, _, text in goals(results)}
     assert evidence["`gkd` (frcnn) beats its baseline by > 2 std of the baseline's seeds"] == (
-        "gain +0.070, 2 std = 0.020 (n = 3); +0.040 against the same-wall-clock baseline `tm1.25`"
+        "gain +0.070, 2 std = 0.020 (n = 3); +0.040 against the same-wall-clock baseline `tm1.25`; "
+        "gap closed 37% (paper: 157%)"  # GKD.paper_gap_closed
     )
+
+
+def test_methods_join_the_goals_through_their_class_attributes(monkeypatch):
+    from detkd.bench.report import goal_methods, paper_share
+    from detkd.methods import METHODS
+
+    assert sorted(m.name for m in goal_methods()) == ["detrdistill", "gkd", "ida", "lgd", "tar"]
+    assert [paper_share(METHODS.get(m).paper_gap_closed) for m in ("tar", "detrdistill", "lgd")] == [
+        "105%",
+        "> 300%",
+        "–",
+    ]
+    monkeypatch.setattr(METHODS.get("kd"), "benchmark_goal", True)
+    results = fake_results()
+    results["table"] = aggregate(results)
+    goal = {g for g, _, _ in goals(results)}
+    assert "`kd` (frcnn) beats its baseline by > 2 std of the baseline's seeds" in goal
 
 
 @pytest.mark.slow

@@ -1,13 +1,125 @@
-"""BENCHMARKS.md and plots, generated from a suite's ``results.json`` (never typed by hand)."""
+"""What a suite's records add up to: the aggregated table, the goals, BENCHMARKS.md, plots and the terminal summary.
+
+Everything here is computed from ``results.json`` (the report is generated, never typed by hand).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
-SEED_METHODS = ("tar", "gkd", "ida", "lgd", "detrdistill")
+from detkd.bench.plan import needs_teacher
+from detkd.bench.suites import SUITES
+
+
+def _stats(values: list[float]) -> dict[str, float | int | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (pair, row): accuracy over seeds, gains, gap closed, cost."""
+    records = [r for r in results["records"] if not r.get("failed")]
+    timing = results.get("timing", {})
+    suite = SUITES.get(results["suite"])
+    grid = results.get("time_grid") or (suite.time_grid if suite else 0.25)
+    table = []
+    for pair in results["pairs"]:
+        name = pair["name"]
+        mine = [r for r in records if r["pair"] == name]
+        teacher = next((r for r in records if r["kind"] == "teacher" and r["model"] == pair["teacher"]), None)
+        base = _stats([r["AP"] for r in mine if r["row"] == "baseline"])
+        base50 = _stats([r["AP50"] for r in mine if r["row"] == "baseline"])
+        t = timing.get(name, {})
+        row_methods = {key: row for key, (row, _) in (pair.get("variants") or {}).items()}
+        rows = [
+            "teacher",
+            "baseline",
+            *pair["references"],
+            *pair["methods"],
+            *pair.get("variants", {}),
+            *sorted({r["row"] for r in mine if r["kind"] == "time_matched"}),
+        ]
+        for row in rows:
+            if row == "teacher":
+                runs = [teacher] if teacher else []
+            else:
+                runs = [r for r in mine if r["row"] == row]
+            if not runs:
+                continue
+            ap, ap50 = _stats([r["AP"] for r in runs]), _stats([r["AP50"] for r in runs])
+            entry = {
+                "pair": name,
+                "row": row,
+                "kind": runs[0]["kind"],
+                "model": runs[0]["model"],
+                "iters": runs[0]["iters"],
+                "AP": ap,
+                "AP50": ap50,
+                # A time-matched row trains the baseline's model and batch for longer: its memory is the baseline's.
+                "peak_memory_mb": None
+                if runs[0]["kind"] == "time_matched"
+                else max((r["peak_memory_mb"] or 0) for r in runs),
+                "train_time_s": _stats([r["train_time_s"] for r in runs])["mean"],
+                "failed_seeds": sum(
+                    1 for r in results["records"] if r["pair"] == name and r["row"] == row and r.get("failed")
+                ),
+            }
+            if runs[0]["kind"] == "method":
+                entry["gain"] = None if base["mean"] is None else ap["mean"] - base["mean"]
+                entry["gain_AP50"] = None if base50["mean"] is None else ap50["mean"] - base50["mean"]
+                entry["gain_over_2std"] = (
+                    entry["gain"] is not None and base["std"] is not None and entry["gain"] > 2 * base["std"]
+                )
+                if teacher and base["mean"] is not None and teacher["AP"] is not None:
+                    gap = teacher["AP"] - base["mean"]
+                    entry["gap_closed"] = (ap["mean"] - base["mean"]) / gap if gap > 0 else None
+                    entry["reaches_teacher"] = ap["mean"] >= teacher["AP"]
+                row_t = t.get("rows", {}).get(row, {})
+                if row_t.get("nonfinite_steps") or t.get("student_nonfinite_steps"):
+                    row_t = {}  # a diverged timed step does different work: its time is not the method's
+                entry["step_s"] = row_t.get("step_s")
+                # A row that runs no teacher is compared with the student's own step.
+                teacher_free = pair["teacher"] is None or not needs_teacher(row_methods.get(row, row))
+                entry["step_ratio"] = row_t.get("ratio_student") if teacher_free else row_t.get("ratio")
+                entry["step_ratio_student"] = row_t.get("ratio_student")
+                factor = None
+                if row_t.get("step_s") and t.get("student_step_s"):
+                    factor = max(1.0, math.ceil(row_t["step_s"] / t["student_step_s"] / grid - 1e-9) * grid)
+                # Without a measured step time there is nothing to match the baseline's time to.
+                tm_row = None if factor is None else f"tm{factor:g}" if factor > 1.0 else "baseline"
+                tm = _stats([r["AP"] for r in mine if r["row"] == tm_row])
+                entry["time_matched_row"] = tm_row if tm["n"] else None
+                entry["gain_time_matched"] = None if tm["mean"] is None else ap["mean"] - tm["mean"]
+            cost = t.get("cost", {}).get(runs[0]["model"]) or t.get("cost", {}).get(row)
+            if cost:
+                entry["cost"] = cost
+            table.append(entry)
+    return table
+
+
+def goal_methods() -> list[Any]:
+    """The methods held to the benchmark's goals: those whose class sets ``benchmark_goal``."""
+    from detkd.methods import METHODS
+
+    return [cls for cls in (METHODS.get(name) for name in METHODS.names()) if cls.benchmark_goal]
+
+
+def paper_share(share: float | None) -> str:
+    """The share of the gap a paper reports closing, as the report prints it."""
+    if share is None:
+        return "–"
+    return "> 300%" if share >= 3.0 else f"{share:.0%}"
 
 
 def _fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
@@ -95,7 +207,8 @@ def goals(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     table = results.get("table", [])
     methods = [e for e in table if e["kind"] == "method"]
     out = []
-    for name in SEED_METHODS:
+    for method in goal_methods():
+        name = method.name
         rows = [e for e in methods if e["row"] == name]
         if not rows:
             out.append((f"`{name}` beats its baseline by > 2 std of the baseline's seeds", None, "not run here"))
@@ -109,6 +222,8 @@ def goals(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
             if e.get("gain_time_matched") is not None:
                 evidence += f"; {_signed(e['gain_time_matched'])} against the same-wall-clock baseline"
                 evidence += f" `{e['time_matched_row']}`" if e["time_matched_row"] != "baseline" else ""
+            if e.get("gap_closed") is not None and method.paper_gap_closed is not None:
+                evidence += f"; gap closed {e['gap_closed']:.0%} (paper: {paper_share(method.paper_gap_closed)})"
             out.append((f"`{name}` ({e['pair']}) beats its baseline by > 2 std of the baseline's seeds", ok, evidence))
     reach = [e for e in methods if e.get("reaches_teacher")]
     out.append(
@@ -283,3 +398,31 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
 
 def _g(value: float | None) -> float | None:
     return None if value is None else value / 1e9
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"detkd bench --suite {results['suite']}")
+    for col in ("pair", "row", "mAP", "mAP@.5", "gain", "step ratio"):
+        table.add_column(col, justify="left" if col in ("pair", "row") else "right")
+
+    def fmt(s: dict[str, Any]) -> str:
+        if s["mean"] is None:
+            return "-"
+        return f"{s['mean']:.3f}" + (f" ±{s['std']:.3f}" if s["n"] > 1 else "")
+
+    for e in results.get("table", []):
+        ap, ap50 = e["AP"], e["AP50"]
+        gain = e.get("gain")
+        ratio = e.get("step_ratio")
+        table.add_row(
+            e["pair"],
+            e["row"],
+            fmt(ap),
+            fmt(ap50),
+            "" if gain is None else f"{gain:+.3f}",
+            "" if ratio is None else f"{ratio:.2f}x",
+        )
+    Console().print(table)

@@ -1,0 +1,67 @@
+"""``detkd bench``: its command-line options and what the command does."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from detkd.bench.report import aggregate, print_summary, render_markdown, write_plots
+from detkd.bench.runner import Bench, BenchStopped
+from detkd.bench.suites import SUITES
+from detkd.errors import ConfigError
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark suite and write BENCHMARKS.md",
+        description="Train the teacher (cached), the student baseline and every method with the same data, schedule "
+        "and seeds; measure step times in one process; write results.json, BENCHMARKS.md and plots.",
+    )
+    p.add_argument("--suite", default="smoke", choices=sorted(SUITES), help="which suite (default smoke)")
+    p.add_argument("--methods", help="comma-separated method rows to run (default: all of the suite)")
+    p.add_argument("--pairs", help="comma-separated teacher-student pairs to run (default: all of the suite)")
+    p.add_argument("--seeds", type=int, help="seeds per row (default: the suite's)")
+    p.add_argument("--out", default="bench", help="output root (default bench/)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1)")
+    p.add_argument("--threads", type=int, help="CPU threads per run (default: cores / jobs)")
+    p.add_argument("--render", metavar="FILE", help="only (re)write FILE (Markdown) from the suite's results.json")
+    p.add_argument("--plan", action="store_true", help="print the runs the suite would make, and exit")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    suite = SUITES[args.suite]
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    pairs = [p.strip() for p in args.pairs.split(",")] if args.pairs else None
+    bench = Bench(
+        suite, Path(args.out), seeds=args.seeds, methods=methods, pairs=pairs, jobs=args.jobs, threads=args.threads
+    )
+    if args.render:
+        if not bench.results_path.exists():
+            raise ConfigError(f"{bench.results_path} not found: run `detkd bench --suite {suite.name}` first")
+        results = json.loads(bench.results_path.read_text())
+        results["table"] = aggregate(results)  # from the records, with this version's aggregation
+        plots = write_plots(results, Path(args.render).parent / "docs" / "bench" / suite.name)
+        Path(args.render).write_text(render_markdown(results, plots, Path(args.render).parent))
+        print(f"wrote {args.render}")
+        return 0
+    if args.plan:
+        for spec in bench.plan():
+            print(f"{spec.pair:10s} {spec.row:14s} seed {spec.seed}  {spec.command} {spec.model} {spec.iters} iters")
+        print("(+ same-wall-clock baselines after the timing phase)")
+        return 0
+    try:
+        results = bench.run()
+    except BenchStopped as stop:
+        print(f"detkd bench: {stop}; the stopped runs resume when the same command runs again", file=sys.stderr)
+        return 128 + stop.signum
+    plots = write_plots(results, bench.root / "plots")
+    md = bench.root / "BENCHMARKS.md"
+    md.write_text(render_markdown(results, plots, bench.root))
+    print_summary(results)
+    print(f"results: {bench.results_path}\nreport:  {md}")
+    return 0
