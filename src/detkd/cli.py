@@ -64,6 +64,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["slim", "standard"], help="detector preset; sets model.preset")
     p.add_argument("--backbone-weights", help="none | imagenet | PATH; sets model.backbone_weights")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run --out holds (its checkpoints, final.json, logs and config.yaml); without it, or "
+        "--resume, a run folder holding results is refused",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -106,7 +112,7 @@ def _run(cfg: Any, args: argparse.Namespace, default_out: str) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     out = Path(args.out or default_out)
-    summary = run(cfg, out, resume=args.resume)
+    summary = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary is enough
         return 0
     metrics = summary["metrics"]

@@ -35,6 +35,7 @@ from detkd.engine.hooks import (
     MethodEpochs,
     set_rng_state,
 )
+from detkd.engine.rundir import check_run_folder, clear_run_folder
 from detkd.engine.trainer import Trainer, amp_dtype
 from detkd.errors import CheckpointError, ConfigError, DataError, DetkdError
 from detkd.models import Detector, build_detector
@@ -190,8 +191,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS reports bytes, Linux KiB
 
 
-def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
+def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train (and distil, if ``cfg.distill.methods``) as configured; returns the final summary.
+
+    ``resume`` continues the run in ``out`` (a finished one is only reported); ``overwrite`` replaces the run
+    ``out`` holds. Without either, a folder holding results is refused (see :mod:`detkd.engine.rundir`).
 
     Raises:
         DetkdError: for anything the user can fix; files already written are left untouched.
@@ -200,8 +204,9 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
     from detkd.engine.evaluate import run_evaluation
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: the run folder (--out) is an existing file")
+    finished = check_run_folder(out, resume, overwrite, cfg.train.iters)
+    if finished is not None:
+        return finished
     device = select_device(cfg.train.device)
     if cfg.train.threads is not None:
         if cfg.train.threads < 1:
@@ -216,13 +221,6 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     last = out / "last.pt"
-    if main:
-        if last.exists() and not resume:
-            raise ConfigError(
-                f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out"
-            )
-        if resume and not last.exists():
-            raise ConfigError(f"--resume: {last} not found (nothing to resume in {out})")
     torch.manual_seed(cfg.train.seed + rank)
 
     train_set = build_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
@@ -297,6 +295,8 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
     if main:
         # Everything that can fail on bad input has been checked: only now is the run folder touched.
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            clear_run_folder(out)
         for name in ("log.jsonl", "eval.jsonl"):
             trim_jsonl(out / name, start_iter)
         save_config(cfg, out / "config.yaml")

@@ -1,0 +1,95 @@
+"""The run folder's rules: a folder holding results is never replaced by accident.
+
+A folder *holds results* when it has a checkpoint (``last.pt``, ``best.pt``, ``student.pt``) or a ``final.json``.
+A new run there is refused unless ``--resume`` (continue it from ``last.pt``) or ``--overwrite`` (replace it) is
+given. The logs and ``config.yaml`` of a run that died before its first checkpoint are not results: a new run may
+start over them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from detkd.errors import ConfigError
+
+log = logging.getLogger("detkd")
+
+RESULTS = ("last.pt", "best.pt", "student.pt", "final.json")
+# Everything a run writes; --overwrite removes these (and nothing else) before the new run starts.
+RUN_FILES = (*RESULTS, "config.yaml", "log.jsonl", "eval.jsonl")
+RUN_FOLDERS = ("tb",)  # TensorBoard scalars
+
+
+def results_in(out: Path) -> list[str]:
+    """The result files present in ``out``, in :data:`RESULTS` order."""
+    return [name for name in RESULTS if (out / name).is_file()]
+
+
+def finished_summary(out: Path, iters: int) -> dict[str, Any] | None:
+    """The saved summary of the run in ``out`` if it completed ``iters`` steps (its ``final.json``), else None."""
+    final = out / "final.json"
+    if not (final.is_file() and (out / "last.pt").is_file()):
+        return None
+    try:
+        summary = json.loads(final.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn final.json: the run is resumed and writes it again
+    if not isinstance(summary, dict) or int(summary.get("iters") or 0) < iters:
+        return None
+    return summary
+
+
+def check_run_folder(out: Path, resume: bool, overwrite: bool, iters: int) -> dict[str, Any] | None:
+    """Decide what a run may do with ``out``, before anything is written.
+
+    Args:
+        out: the run folder (--out).
+        resume: ``--resume`` was given.
+        overwrite: ``--overwrite`` was given.
+        iters: the steps the run is to reach (``train.iters``).
+
+    Returns:
+        The saved summary when ``resume`` finds the run already finished (there is nothing to do), else None.
+
+    Raises:
+        ConfigError: ``out`` is a file; it holds results and neither flag was given; ``--resume`` without a
+            ``last.pt``; both flags at once.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: the run folder (--out) is an existing file")
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
+    last = out / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise ConfigError(f"--resume: {last} not found (nothing to resume in {out})")
+        summary = finished_summary(out, iters)
+        if summary is not None:
+            log.info("%s already finished (%s/%d steps); nothing to do", out, summary.get("iters"), iters)
+        return summary
+    found = results_in(out) if out.is_dir() else []
+    if found and not overwrite:
+        if "last.pt" in found:
+            raise ConfigError(
+                f"{out} already holds a run (last.pt); pass --resume to continue it, --overwrite to replace it, "
+                "or choose another --out"
+            )
+        raise ConfigError(
+            f"{out} already holds a run's results ({', '.join(found)}); pass --overwrite to replace them or choose "
+            "another --out"
+        )
+    return None
+
+
+def clear_run_folder(out: Path) -> None:
+    """Remove what an earlier run wrote in ``out`` (for ``--overwrite``), once every check has passed."""
+    import shutil
+
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
