@@ -142,6 +142,15 @@ def check_images_exist(paths: Sequence[Path], what: str) -> None:
         raise DataError(f"{missing[0]}: image file not found (listed in {what}){more}")
 
 
+def check_not_empty(dataset: DetectionDataset, use: str) -> None:
+    """Raise :class:`DataError` naming the split when ``dataset`` has no images (``use``: what needs them)."""
+    if len(dataset) == 0:
+        raise DataError(
+            f"{dataset.root}: split {dataset.split!r} has no images ({use} needs at least one; check the split's "
+            f"{dataset.format} annotations)"
+        )
+
+
 def read_image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` from the image header, without decoding the pixels."""
     try:

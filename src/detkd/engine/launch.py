@@ -35,7 +35,7 @@ from detkd.engine.hooks import (
     MethodEpochs,
     set_rng_state,
 )
-from detkd.engine.rundir import check_run_folder, clear_run_folder
+from detkd.engine.rundir import check_run_folder, clear_run_folder, finished_summary
 from detkd.engine.trainer import Trainer, amp_dtype
 from detkd.errors import CheckpointError, ConfigError, DataError, DetkdError
 from detkd.models import Detector, build_detector
@@ -201,12 +201,11 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
         DetkdError: for anything the user can fix; files already written are left untouched.
     """
     from detkd.data import build_dataset, build_train_loader, build_transforms
+    from detkd.data.base import check_not_empty
     from detkd.engine.evaluate import run_evaluation
 
     out = Path(out)
-    finished = check_run_folder(out, resume, overwrite, cfg.train.iters)
-    if finished is not None:
-        return finished
+    check_run_folder(out, resume, overwrite)
     device = select_device(cfg.train.device)
     if cfg.train.threads is not None:
         if cfg.train.threads < 1:
@@ -225,6 +224,8 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
 
     train_set = build_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
     val_set = build_dataset(cfg.data.root, cfg.data.val_split, cfg.data.format, build_transforms(cfg.data, False))
+    check_not_empty(train_set, "training")
+    check_not_empty(val_set, "evaluation")
     classes = list(train_set.classes)
     if list(val_set.classes) != classes:
         raise ConfigError(f"train and val splits of {cfg.data.root} have different classes")
@@ -280,8 +281,11 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
             raise CheckpointError(f"{last}: optimiser state does not fit this run ({exc})") from None
         start_iter = int(ckpt["iter"])
         trainer_state = ckpt
-        if start_iter >= cfg.train.iters:
-            log.info("%s already finished (%d/%d steps)", out, start_iter, cfg.train.iters)
+        finished = finished_summary(out, start_iter, cfg.train.iters)
+        if finished is not None:  # nothing to train or evaluate again: the saved summary stands
+            if owns_group:
+                dist.destroy_process_group()
+            return finished
 
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

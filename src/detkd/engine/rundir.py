@@ -28,31 +28,29 @@ def results_in(out: Path) -> list[str]:
     return [name for name in RESULTS if (out / name).is_file()]
 
 
-def finished_summary(out: Path, iters: int) -> dict[str, Any] | None:
-    """The saved summary of the run in ``out`` if it completed ``iters`` steps (its ``final.json``), else None."""
+def finished_summary(out: Path, done: int, iters: int) -> dict[str, Any] | None:
+    """The saved summary (``final.json``) of a resumed run whose ``last.pt`` is at step ``done``, if the run has
+    already reached ``iters`` steps and finished; else None (there is training, or its end, still to do)."""
     final = out / "final.json"
-    if not (final.is_file() and (out / "last.pt").is_file()):
+    if done < iters or not final.is_file():
         return None
     try:
         summary = json.loads(final.read_text())
     except (OSError, json.JSONDecodeError):
-        return None  # a torn final.json: the run is resumed and writes it again
-    if not isinstance(summary, dict) or int(summary.get("iters") or 0) < iters:
+        return None  # a torn final.json: the run ends again and rewrites it
+    if not isinstance(summary, dict) or int(summary.get("iters") or 0) != done:
         return None
+    log.info("%s already finished (%d/%d steps); nothing to do", out, done, iters)
     return summary
 
 
-def check_run_folder(out: Path, resume: bool, overwrite: bool, iters: int) -> dict[str, Any] | None:
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     """Decide what a run may do with ``out``, before anything is written.
 
     Args:
         out: the run folder (--out).
         resume: ``--resume`` was given.
         overwrite: ``--overwrite`` was given.
-        iters: the steps the run is to reach (``train.iters``).
-
-    Returns:
-        The saved summary when ``resume`` finds the run already finished (there is nothing to do), else None.
 
     Raises:
         ConfigError: ``out`` is a file; it holds results and neither flag was given; ``--resume`` without a
@@ -66,10 +64,7 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool, iters: int) -> di
     if resume:
         if not last.is_file():
             raise ConfigError(f"--resume: {last} not found (nothing to resume in {out})")
-        summary = finished_summary(out, iters)
-        if summary is not None:
-            log.info("%s already finished (%s/%d steps); nothing to do", out, summary.get("iters"), iters)
-        return summary
+        return
     found = results_in(out) if out.is_dir() else []
     if found and not overwrite:
         if "last.pt" in found:
@@ -81,7 +76,6 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool, iters: int) -> di
             f"{out} already holds a run's results ({', '.join(found)}); pass --overwrite to replace them or choose "
             "another --out"
         )
-    return None
 
 
 def clear_run_folder(out: Path) -> None:
