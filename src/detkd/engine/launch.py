@@ -103,7 +103,7 @@ def trim_jsonl(path: Path, last_iter: int) -> None:
 
 def count_boxes(dataset: Any) -> int:
     """Training targets in a split (crowd/difficult objects and skipped annotations excluded)."""
-    return sum(int((~record.ignore).sum()) for record in dataset.records)
+    return int((~dataset.records.ignore).sum())
 
 
 def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimizer:
@@ -306,7 +306,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
         save_config(cfg, out / "config.yaml")
     extra = {"config": to_dict(cfg), "spec": dict(student.spec), "classes": classes}
     context = RunContext(
-        build_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, False)),
+        train_set.with_transforms(build_transforms(cfg.data, False)),
         device,
         cfg.data.batch_size,
         iters_per_epoch,
