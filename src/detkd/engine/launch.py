@@ -287,7 +287,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
                 dist.destroy_process_group()
             return finished
 
-    if world > 1:
+    if dist.is_available() and dist.is_initialized():  # torchrun's group, or one the caller made (even of one)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model.trainable_forward = DDP(
