@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["truncated"].write_bytes(w["teacher"].read_bytes()[:4096])
     w["pickled"] = root / "pickled.pt"
     torch.save({"format": STUDENT_FORMAT, "model": {}, "hook": RunsCode(w["marker"])}, w["pickled"])
+    w["pickle_dump"] = root / "pickle_dump.pt"
+    with open(w["pickle_dump"], "wb") as f:
+        pickle.dump({"model": {"weight": [1.0, 2.0]}}, f)
     w["plain"] = root / "plain.pt"
     torch.save(nn.Linear(2, 2).state_dict(), w["plain"])
     w["run"] = root / "run"
@@ -107,6 +111,21 @@ def _corrupt_images(w: dict, tmp: Path, content: bytes) -> Path:
     for image in (data / "train").iterdir():
         image.write_bytes(content)
     return data
+
+
+def _empty_split(w: dict, tmp: Path, split: str) -> Path:
+    """A copy of the data whose ``split`` lists no images at all."""
+    data = _copy_data(w, tmp)
+    path = data / "annotations" / f"instances_{split}.json"
+    content = json.loads(path.read_text())
+    content["images"], content["annotations"] = [], []
+    path.write_text(json.dumps(content))
+    return data
+
+
+def _without(out: Path, name: str) -> Path:
+    (out / name).unlink()
+    return out
 
 
 def _yaml(tmp: Path, text: str) -> Path:
@@ -191,7 +210,37 @@ CASES: dict[str, Case] = {
         lambda w, t, o: _train(_edit_annotations(w, t, _no_boxes), o),
         "{tmp}/data: split 'train' has no boxes to train on (8 images, none with a usable annotation)",
     ),
+    "empty-val-split": Case(
+        lambda w, t, o: _train(_empty_split(w, t, "val"), o),
+        "{tmp}/data: split 'val' has no images (evaluation needs at least one;",
+    ),
+    "empty-train-split": Case(
+        lambda w, t, o: _train(_empty_split(w, t, "train"), o),
+        "{tmp}/data: split 'train' has no images (training needs at least one;",
+    ),
+    "eval-empty-split": Case(
+        lambda w, t, o: ["eval", str(w["teacher"]), "--data", str(_empty_split(w, t, "val")), "--no-progress"],
+        "{tmp}/data: split 'val' has no images (evaluation needs at least one;",
+    ),
     # config
+    "config-negative-lr": Case(lambda w, t, o: _train(w["data"], o, "optim.lr=-1"), "optim.lr must be > 0, got -1.0."),
+    "config-zero-batch": Case(
+        lambda w, t, o: _train(w["data"], o, "data.batch_size=0"), "data.batch_size must be >= 1, got 0."
+    ),
+    "config-negative-workers": Case(
+        lambda w, t, o: _train(w["data"], o, "data.workers=-1"), "data.workers must be >= 0, got -1."
+    ),
+    "config-zero-min-size": Case(
+        lambda w, t, o: _train(w["data"], o, "model.min_size=0"), "model.min_size must be >= 1, got 0."
+    ),
+    "config-negative-iters": Case(
+        lambda w, t, o: ["train", "--data", str(w["data"]), "--out", str(o), *FAST, "train.iters=-5"],
+        "train.iters must be >= 1, got -5.",
+    ),
+    "config-two-bad-values": Case(
+        lambda w, t, o: _train(w["data"], o, "optim.lr=0", "model.max_size=32"),
+        ("model.max_size must be >= model.min_size (64), got 32.", "optim.lr must be > 0, got 0.0."),
+    ),
     "config-unknown-key": Case(
         lambda w, t, o: _train(w["data"], o, "train.itres=3"),
         "config.train: unknown key(s) itres; valid keys: amp, ckpt_every,",
@@ -240,6 +289,10 @@ CASES: dict[str, Case] = {
     "teacher-pickled-object": Case(
         lambda w, t, o: _distill(w, o, w["pickled"]),
         "{pickled}: refused: the file contains pickled Python objects (posix.mkdir)",
+    ),
+    "teacher-plain-pickle": Case(
+        lambda w, t, o: _distill(w, o, w["pickle_dump"]),
+        "{pickle_dump}: the file is a pickle (pickle.dump), not a torch checkpoint;",
     ),
     "teacher-not-detkd": Case(
         lambda w, t, o: _distill(w, o, w["plain"]), "{plain}: not a detkd checkpoint (no 'format' field"
@@ -293,7 +346,18 @@ CASES: dict[str, Case] = {
     ),
     "existing-run-without-resume": Case(
         lambda w, t, o: _train(w["data"], o),
-        "{out} already holds a run (last.pt); pass --resume to continue it or choose another --out",
+        "{out} already holds a run (last.pt); pass --resume to continue it, --overwrite to replace it, or choose "
+        "another --out",
+        existing_run=True,
+    ),
+    "finished-run-without-last-pt": Case(
+        lambda w, t, o: _train(w["data"], _without(o, "last.pt")),
+        "{out} already holds a run's results (best.pt, student.pt, final.json); pass --overwrite to replace them",
+        existing_run=True,
+    ),
+    "resume-and-overwrite": Case(
+        lambda w, t, o: _train(w["data"], o, "--resume", "--overwrite"),
+        "--resume and --overwrite exclude each other",
         existing_run=True,
     ),
     "unknown-backbone": Case(
@@ -381,3 +445,64 @@ def test_one_line_in_a_real_process(world, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"detkd: error: {world['pickled']}: refused")
     assert not (tmp_path / "out").exists() and not world["marker"].exists()
+
+
+def test_overwrite_replaces_a_finished_run(world, tmp_path, capsys):
+    out = _finished_run(world, tmp_path)
+    (out / "last.pt").unlink()
+    assert main(_train(world["data"], out, "--overwrite", "--seed", "3")) == 0
+    assert (out / "last.pt").is_file()
+    assert len((out / "eval.jsonl").read_text().splitlines()) == 1  # the old run's rows are gone
+    assert "seed: 3" in (out / "config.yaml").read_text()
+
+
+def test_resume_of_a_finished_run_changes_nothing(world, tmp_path, capsys):
+    out = _finished_run(world, tmp_path)
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert _tree(out) == before  # no second evaluation row, no final.json with step_time_s null
+    assert "already finished" in " ".join(capsys.readouterr().out.split())
+    assert json.loads((out / "final.json").read_text())["step_time_s"] is not None
+
+
+def test_disk_full_during_a_checkpoint_is_one_line(world, tmp_path, capsys, monkeypatch):
+    """The second write of last.pt hits a full disk: one line, exit 2, the first last.pt still loads."""
+    from detkd.engine.checkpoint import read_checkpoint
+
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("format") == "detkd.train":
+            calls.append(obj["iter"])
+            if len(calls) > 1:
+                f.write(b"PK\x03\x04 partial")
+                raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(_train(world["data"], out, "train.ckpt_every=1", "train.iters=2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    expected = f"{out}/last.pt: cannot write the checkpoint (No space left on device); the previous last.pt is kept"
+    assert err[0] == f"detkd: error: {expected}"
+    monkeypatch.undo()
+    assert read_checkpoint(out / "last.pt")["iter"] == 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_log_write_on_a_full_disk_is_one_line(world, tmp_path, capsys, monkeypatch):
+    """A full disk while appending a log line (an open file: the error names no file) is one line too."""
+    from detkd.engine import hooks
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hooks.Logger, "after_step", full)
+    capsys.readouterr()
+    code = main(_train(world["data"], tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == "detkd: error: No space left on device (the run folder keeps its last checkpoint)"

@@ -7,6 +7,7 @@ is removed or overwritten by a failed command.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from detkd.errors import ConfigError, DetkdError
+
+# Errors of the file system, not of detkd: reported on one line even when the failed call names no file.
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
 
 EPILOG_OVERRIDES = "Any config field can be set as key=value, e.g. optim.lr=0.01 train.iters=500 data.batch_size=4."
 
@@ -64,6 +68,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["slim", "standard"], help="detector preset; sets model.preset")
     p.add_argument("--backbone-weights", help="none | imagenet | PATH; sets model.backbone_weights")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run --out holds (its checkpoints, final.json, logs and config.yaml); without it, or "
+        "--resume, a run folder holding results is refused",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -106,7 +116,7 @@ def _run(cfg: Any, args: argparse.Namespace, default_out: str) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     out = Path(args.out or default_out)
-    summary = run(cfg, out, resume=args.resume)
+    summary = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary is enough
         return 0
     metrics = summary["metrics"]
@@ -160,8 +170,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     detector, ckpt = load_detector(args.checkpoint, device)
     from detkd.config import DataConfig
+    from detkd.data.base import check_not_empty
 
     dataset = build_dataset(args.data, args.split, args.format, build_transforms(DataConfig(), False))
+    check_not_empty(dataset, "evaluation")
     if list(dataset.classes) != list(ckpt.get("classes", [])):
         raise ConfigError(
             f"{args.checkpoint} was trained on classes {ckpt.get('classes')}, {args.data} has {dataset.classes}"
@@ -347,10 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detkd: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.filename is None:
+        if exc.filename is None and exc.errno not in FILE_SYSTEM_ERRNOS:
             raise
-        # The file system refused (permissions, a file where a folder should be, a full disk): not a bug.
-        print(f"detkd: error: {exc.filename}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+        # The file system refused (permissions, a file where a folder should be, a full disk): not a bug. A write
+        # to an open file (a log line on a full disk) names no file.
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        kept = "" if exc.filename is not None else " (the run folder keeps its last checkpoint)"
+        print(f"detkd: error: {where}{exc.strerror or type(exc).__name__}{kept}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("detkd: interrupted (the run folder keeps its last checkpoint; continue with --resume)", file=sys.stderr)

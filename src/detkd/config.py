@@ -178,7 +178,74 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
             # schedule), key by key, instead of replacing it.
             value = _merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    return check_ranges(obj) if cls is Config else obj
+
+
+def _range_errors(cfg: Config) -> list[str]:
+    """One sentence per numeric field whose value is outside its valid range."""
+    d, m, o, t, k = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.distill
+    errors = []
+
+    def need(ok: bool, key: str, rule: str, value: Any) -> None:
+        if not ok:
+            errors.append(f"{key} must be {rule}, got {value!r}.")
+
+    need(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+    need(d.workers >= 0, "data.workers", ">= 0", d.workers)
+    need(0.0 <= d.hflip <= 1.0, "data.hflip", "a probability in [0, 1]", d.hflip)
+    jitter = d.scale_jitter
+    need(
+        jitter is None or (len(jitter) == 2 and 0 < jitter[0] <= jitter[1]),
+        "data.scale_jitter",
+        "[low, high] with 0 < low <= high",
+        jitter,
+    )
+    need(
+        d.val_max_images is None or d.val_max_images >= 1,
+        "data.val_max_images",
+        ">= 1 (or null for all)",
+        d.val_max_images,
+    )
+    need(m.min_size >= 1, "model.min_size", ">= 1", m.min_size)
+    need(m.max_size >= max(1, m.min_size), "model.max_size", f">= model.min_size ({m.min_size})", m.max_size)
+    need(m.fpn_channels is None or m.fpn_channels >= 1, "model.fpn_channels", ">= 1 (or null)", m.fpn_channels)
+    need(o.lr > 0, "optim.lr", "> 0", o.lr)
+    need(0.0 <= o.momentum < 1.0, "optim.momentum", "in [0, 1)", o.momentum)
+    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    need(all(0.0 < s <= 1.0 for s in o.steps), "optim.steps", "fractions of train.iters in (0, 1]", o.steps)
+    need(o.gamma > 0, "optim.gamma", "> 0", o.gamma)
+    need(o.warmup_iters >= 0, "optim.warmup_iters", ">= 0", o.warmup_iters)
+    need(0.0 < o.warmup_factor <= 1.0, "optim.warmup_factor", "in (0, 1]", o.warmup_factor)
+    need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "optim.clip_grad_norm", "> 0 (or null)", o.clip_grad_norm)
+    need(
+        o.clip_grad_value is None or o.clip_grad_value > 0, "optim.clip_grad_value", "> 0 (or null)", o.clip_grad_value
+    )
+    for key, mult in o.lr_mult.items():
+        need(mult >= 0, f"optim.lr_mult.{key}", ">= 0", mult)
+    need(t.iters >= 1, "train.iters", ">= 1", t.iters)
+    need(t.eval_every >= 0, "train.eval_every", ">= 0 (0 = only at the end)", t.eval_every)
+    need(t.ckpt_every >= 0, "train.ckpt_every", ">= 0 (0 = only at the end)", t.ckpt_every)
+    need(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
+    need(t.seed >= 0, "train.seed", ">= 0", t.seed)
+    need(t.max_nonfinite >= 1, "train.max_nonfinite", ">= 1", t.max_nonfinite)
+    need(t.threads is None or t.threads >= 1, "train.threads", ">= 1 (or null for torch's default)", t.threads)
+    for key, weight in k.weights.items():
+        need(weight >= 0, f"distill.weights.{key}", ">= 0", weight)
+    need(k.check_teacher >= 0, "distill.check_teacher", ">= 0 (0 = skip)", k.check_teacher)
+    return errors
+
+
+def check_ranges(cfg: Config) -> Config:
+    """Check every numeric field's range; all bad values are named at once, one sentence each.
+
+    Raises:
+        ConfigError: a value is out of range (e.g. ``optim.lr`` <= 0, ``train.iters`` < 1).
+    """
+    errors = _range_errors(cfg)
+    if errors:
+        raise ConfigError(" ".join(errors))
+    return cfg
 
 
 def to_dict(obj: Any) -> Any:

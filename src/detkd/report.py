@@ -101,7 +101,7 @@ def method_pictures(run: Path, cfg: Any, dataset: Any, out: Path) -> list[Path]:
     student, _ = load_detector(source if source.exists() else run / "student.pt")
     teacher = load_detector(cfg.distill.teacher)[0] if cfg.distill.teacher else None
     distillers = build_distillers(cfg.distill.methods, cfg.distill.options, student, teacher)
-    model = DistillModel(student, teacher, distillers, cfg.train.iters)
+    model = DistillModel(student, teacher, distillers, cfg.distill.weights, cfg.train.iters)
     if source.exists():
         state = read_checkpoint(source)["trainable"]
         model.trainable_module.load_state_dict(state, strict=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,20 @@ def test_voc_unknown_class(voc_root):
     (voc_root / "Annotations" / "a.xml").write_text(xml)
     message = _error(voc_root)
     assert "a.xml: object 1: unknown class name 'zebra'" in message and "classes.txt" in message
+
+
+def test_voc_without_classes_txt_says_how_to_fix_it(voc_root, caplog):
+    """No classes.txt: the 20 PASCAL classes are used (and the log says so); a class outside them is an error
+    that names the file to add."""
+    (voc_root / "classes.txt").unlink()
+    with caplog.at_level(logging.WARNING, logger="detkd"):
+        build_dataset(voc_root, "val")  # cat, dog and bird are PASCAL classes
+    assert f"{voc_root}: no classes.txt; using the 20 PASCAL VOC classes" in caplog.text
+    xml = (voc_root / "Annotations" / "a.xml").read_text().replace("<name>bird</name>", "<name>zebra</name>")
+    (voc_root / "Annotations" / "a.xml").write_text(xml)
+    message = _error(voc_root)
+    assert "a.xml: object 1: unknown class name 'zebra' (classes from the 20 PASCAL VOC classes" in message
+    assert f"adding {voc_root / 'classes.txt'} with one class name per line fixes this" in message
 
 
 def test_voc_missing_coordinate(voc_root):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 from pathlib import Path
@@ -56,11 +57,54 @@ def test_exception_during_write_keeps_previous_checkpoint(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", half_then_fail)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError) as err:
         save_atomic(_payload(2), path)
     monkeypatch.undo()
+    assert (
+        str(err.value) == f"{path}: cannot write the checkpoint (No space left on device); the previous last.pt is kept"
+    )
     assert read_checkpoint(path)["iter"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_no_permission_to_write_is_one_line(tmp_path, monkeypatch):
+    """A folder the process may not write to: the temporary file cannot be made (simulated, as root may write
+    anywhere), and nothing is left behind."""
+    path = tmp_path / "last.pt"
+    save_atomic(_payload(1), path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".last.pt.x.tmp"))
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    with pytest.raises(CheckpointError) as err:
+        save_atomic(_payload(2), path)
+    monkeypatch.undo()
+    assert str(err.value) == f"{path}: cannot write the checkpoint (Permission denied); the previous last.pt is kept"
+    assert read_checkpoint(path)["iter"] == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_folder_is_one_line(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    save_atomic(_payload(1), folder / "last.pt")
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(CheckpointError, match="Permission denied.*the previous last.pt is kept"):
+            save_atomic(_payload(2), folder / "last.pt")
+    finally:
+        folder.chmod(0o755)
+    assert read_checkpoint(folder / "last.pt")["iter"] == 1
+
+
+def test_plain_pickle_is_named_without_a_warning(tmp_path, recwarn):
+    path = tmp_path / "weights.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"w": [1.0, 2.0]}}, f)
+    message = _error(path)
+    assert "the file is a pickle (pickle.dump), not a torch checkpoint" in message
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
 
 
 def test_sigkill_during_write_keeps_previous_checkpoint(tmp_path):

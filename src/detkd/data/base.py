@@ -8,6 +8,7 @@ its image and degenerate boxes are counted instead of reaching a loss.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import Counter
@@ -141,6 +142,15 @@ def check_images_exist(paths: Sequence[Path], what: str) -> None:
         raise DataError(f"{missing[0]}: image file not found (listed in {what}){more}")
 
 
+def check_not_empty(dataset: DetectionDataset, use: str) -> None:
+    """Raise :class:`DataError` naming the split when ``dataset`` has no images (``use``: what needs them)."""
+    if len(dataset) == 0:
+        raise DataError(
+            f"{dataset.root}: split {dataset.split!r} has no images ({use} needs at least one; check the split's "
+            f"{dataset.format} annotations)"
+        )
+
+
 def read_image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` from the image header, without decoding the pixels."""
     try:
@@ -176,6 +186,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     on ``(i, seed)``, not on which worker or process loads it.
 
     Attributes:
+        records: the split's annotations as a :class:`~detkd.data.records.RecordTable` (arrays);
+            ``records[i]`` is image ``i``'s :class:`ImageRecord`.
         classes: class names; label ``i + 1`` is ``classes[i]``.
         root: dataset folder.
         split: split name (``train``, ``val``...).
@@ -186,7 +198,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        records: list[ImageRecord],
+        records: list[ImageRecord] | Any,
         classes: list[str],
         root: str | Path,
         split: str,
@@ -194,7 +206,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         skipped: Counter | dict[str, int] | None = None,
         transforms: Transform | None = None,
     ):
-        self.records = records
+        from detkd.data.records import RecordTable
+
+        # Arrays, not one object per image: DataLoader workers then share them instead of copying them on access.
+        self.records = records if isinstance(records, RecordTable) else RecordTable.from_records(list(records))
         self.classes = list(classes)
         self.root = Path(root)
         self.split = split
@@ -235,9 +250,20 @@ class DetectionDataset(torch.utils.data.Dataset):
                     image, target = self.transforms(image, target)
         return image, target
 
+    def record(self, index: int) -> ImageRecord:
+        """Image ``index``'s record (path, size, boxes, labels, areas, ignore flags), built from the arrays of
+        :attr:`records` (a :class:`~detkd.data.records.RecordTable`); ``dataset.records[index]`` is the same."""
+        return self.records[index]
+
+    def with_transforms(self, transforms: Transform | None) -> DetectionDataset:
+        """The same split (sharing its arrays, nothing read again) with other transforms."""
+        other = copy.copy(self)
+        other.transforms = transforms
+        return other
+
     def image_ids(self) -> list[int]:
         """The split's image ids, in index order."""
-        return [r.image_id for r in self.records]
+        return [int(i) for i in self.records.image_ids]
 
     def coco_gt(self) -> dict[str, Any]:
         """The split's ground truth as a COCO-format dict, ready for COCO evaluation.

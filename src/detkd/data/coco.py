@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter, defaultdict
+from array import array
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from detkd.data.base import DetectionDataset, ImageRecord, Transform, check_images_exist, make_record, one_line
+import numpy as np
+
+from detkd.data.base import DetectionDataset, Transform, check_images_exist, one_line
+from detkd.data.records import RecordTable, cached_table
 from detkd.errors import DataError
 
 
@@ -74,6 +78,21 @@ def load_coco(root: Path, split: str, transforms: Transform | None = None) -> De
         DataError: the annotation file or one of its entries is malformed, or an image is missing.
     """
     ann_file = root / "annotations" / f"instances_{split}.json"
+
+    def parse() -> tuple[RecordTable, list[str], Counter]:
+        return _parse(ann_file, root, split)
+
+    if ann_file.is_file():
+        # Parsed once per file version: later reads (other ranks, the next run) load the cached arrays.
+        table, classes, skipped = cached_table(ann_file, f"{root.resolve()}|{split}", parse)
+    else:
+        table, classes, skipped = parse()  # reports the missing file
+    check_images_exist(table.image_paths(), str(ann_file))
+    return DetectionDataset(table, classes, root, split, "coco", skipped, transforms)
+
+
+def _parse(ann_file: Path, root: Path, split: str) -> tuple[RecordTable, list[str], Counter]:
+    """Read and check the annotation file; returns the records as arrays, the class names, skipped counts."""
     data = _read_json(ann_file)
 
     for i, cat in enumerate(data["categories"]):
@@ -100,7 +119,10 @@ def load_coco(root: Path, split: str, transforms: Transform | None = None) -> De
             raise DataError(f"{ann_file}: image id {img['id']} appears twice in 'images'")
         images[img["id"]] = img
 
-    raw: dict[Any, list[tuple[list[float], int, bool, float | None]]] = defaultdict(list)
+    index_of = {image_id: k for k, image_id in enumerate(images)}
+    # Flat typed arrays, not a Python object per annotation: a COCO-sized file has close to a million.
+    ann_image, boxes, labels = array("q"), array("d"), array("q")
+    crowds, areas = array("b"), array("d")
     skipped: Counter = Counter()
     for i, ann in enumerate(data["annotations"]):
         ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
@@ -121,25 +143,27 @@ def load_coco(root: Path, split: str, transforms: Transform | None = None) -> De
             skipped["crowd"] += 1
         area = ann.get("area")
         area = float(area) if _is_number(area) else None
-        raw[ann["image_id"]].append(([x, y, x + w, y + h], label_of[ann["category_id"]], crowd, area))
+        ann_image.append(index_of[ann["image_id"]])
+        boxes.extend((x, y, x + w, y + h))
+        labels.append(label_of[ann["category_id"]])
+        crowds.append(crowd)
+        areas.append(area if area is not None else 0.0)
 
     image_dir = _image_dir(root, split)
-    records: list[ImageRecord] = []
-    for image_id, img in images.items():
-        anns = raw.get(image_id, [])
-        records.append(
-            make_record(
-                path=image_dir / img["file_name"],
-                file_name=str(img["file_name"]),
-                image_id=image_id,
-                width=int(img["width"]),
-                height=int(img["height"]),
-                boxes=[a[0] for a in anns],
-                labels=[a[1] for a in anns],
-                ignore=[a[2] for a in anns],
-                areas=[a[3] if a[3] is not None else 0.0 for a in anns],
-                skipped=skipped,
-            )
-        )
-    check_images_exist([r.path for r in records], str(ann_file))
-    return DetectionDataset(records, classes, root, split, "coco", skipped, transforms)
+    files = [str(img["file_name"]) for img in images.values()]
+    table = RecordTable.from_annotations(
+        {
+            "paths": [str(image_dir / name) for name in files],
+            "file_names": files,
+            "image_ids": list(images),
+            "widths": [int(img["width"]) for img in images.values()],
+            "heights": [int(img["height"]) for img in images.values()],
+        },
+        np.frombuffer(ann_image, dtype=np.int64),
+        np.frombuffer(boxes, dtype=np.float64).reshape(-1, 4),
+        np.frombuffer(labels, dtype=np.int64),
+        np.frombuffer(crowds, dtype=np.int8).astype(bool),
+        np.frombuffer(areas, dtype=np.float64),
+        skipped,
+    )
+    return table, classes, skipped

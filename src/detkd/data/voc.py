@@ -8,6 +8,7 @@ marked ``difficult`` are not training targets; they stay as regions the evaluati
 
 from __future__ import annotations
 
+import logging
 import math
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -23,6 +24,8 @@ from detkd.data.base import (
     read_image_size,
 )
 from detkd.errors import DataError
+
+logger = logging.getLogger("detkd")
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -92,9 +95,18 @@ def load_voc(root: Path, split: str, transforms: Transform | None = None) -> Det
         DataError: an annotation file is missing or malformed, names an unknown class, or an image is missing.
     """
     class_file = root / "classes.txt"
-    classes = read_class_names(class_file) if class_file.is_file() else list(VOC_CLASSES)
+    if class_file.is_file():
+        classes = read_class_names(class_file)
+        class_source = str(class_file)
+    else:
+        classes = list(VOC_CLASSES)
+        class_source = f"the 20 PASCAL VOC classes, as {class_file} does not exist"
+        logger.warning(
+            "%s: no classes.txt; using the 20 PASCAL VOC classes (for other classes, write them to %s, one per line)",
+            root,
+            class_file,
+        )
     label_of = {name: i + 1 for i, name in enumerate(classes)}
-    class_source = str(class_file) if class_file.is_file() else "the 20 VOC classes"
 
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     try:
@@ -138,7 +150,10 @@ def load_voc(root: Path, split: str, transforms: Transform | None = None) -> Det
             name = _text(obj, "name", f"{xml_file}: object {k}")
             where = f"{xml_file}: object {k} ({name!r})"
             if name not in label_of:
-                raise DataError(f"{xml_file}: object {k}: unknown class name {name!r} (classes from {class_source})")
+                fix = "" if class_file.is_file() else f"; adding {class_file} with one class name per line fixes this"
+                raise DataError(
+                    f"{xml_file}: object {k}: unknown class name {name!r} (classes from {class_source}{fix})"
+                )
             bndbox = obj.find("bndbox")
             if bndbox is None:
                 raise DataError(f"{where}: missing <bndbox>")

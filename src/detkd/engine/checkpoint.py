@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +50,11 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     A crash at any moment leaves either the previous file or the new one, never a torn file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         os.chmod(tmp, file_mode())  # mkstemp makes the file private; a checkpoint gets the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -56,8 +62,11 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        # torch's zip writer reports a failed write of its own as a RuntimeError naming its stream writer.
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "PytorchStreamWriter" in str(exc)):
+            raise _write_error(path, exc) from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -67,6 +76,18 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _write_error(path: Path, exc: BaseException) -> CheckpointError:
+    """A failed checkpoint write (full disk, no permission) as one line saying what is left."""
+    reason = getattr(exc, "strerror", None) or one_line_reason(exc)
+    kept = f"the previous {path.name} is kept" if path.is_file() else f"no {path.name} was written"
+    return CheckpointError(f"{path}: cannot write the checkpoint ({reason}); {kept}")
+
+
+def one_line_reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _reason(exc: Exception) -> str:
@@ -81,13 +102,47 @@ def _reason(exc: Exception) -> str:
     return lines[0].split(". ")[0] if lines else type(exc).__name__
 
 
+# torch.save's pre-1.6 format: a pickle stream whose first object is this magic number.
+LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def is_plain_pickle(path: Path) -> bool:
+    """Whether ``path`` is a pickle stream that torch.save did not write (no zip archive, no legacy magic number).
+
+    Only the opcodes of the first pickle are scanned (nothing is unpickled).
+    """
+    if zipfile.is_zipfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # PROTO opcode: every pickle of protocol 2 or later starts with it
+                return False
+            f.seek(0)
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name == "PROTO":
+                    continue
+                return not (opcode.name in ("LONG1", "LONG4", "LONG", "INT") and arg == LEGACY_TORCH_MAGIC)
+    except (OSError, ValueError):
+        return False  # not a well-formed pickle: torch.load reports it as damaged
+    return False
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; every failure is a one-line :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if is_plain_pickle(path):
+        raise CheckpointError(
+            f"{path}: the file is a pickle (pickle.dump), not a torch checkpoint; detkd reads files written by "
+            "torch.save and never unpickles other files (unpickling can run arbitrary code)"
+        )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # The weights-only unpickler warns about pickle protocols it was not written for; the outcome (a
+            # loaded file or one line saying why not) is what the user needs, not the warning.
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # The weights-only unpickler stops at the first GLOBAL (a class or function to import) it does not allow;
         # any other complaint (an unknown opcode, a torn stream) means a damaged file.

@@ -40,6 +40,7 @@ from detkd.engine.hooks import (
     MethodSteps,
     set_rng_state,
 )
+from detkd.engine.rundir import check_run_folder, clear_run_folder, finished_summary
 from detkd.engine.trainer import Hook, Trainer
 from detkd.errors import CheckpointError, ConfigError, DataError, DetkdError
 from detkd.models import Detector, build_detector
@@ -106,7 +107,7 @@ def trim_jsonl(path: Path, last_iter: int) -> None:
 
 def count_boxes(dataset: Any) -> int:
     """Training targets in a split (crowd/difficult objects and skipped annotations excluded)."""
-    return sum(int((~record.ignore).sum()) for record in dataset.records)
+    return int((~dataset.records.ignore).sum())
 
 
 def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimizer:
@@ -220,19 +221,6 @@ def start_process(cfg: Config) -> Process:
     return Process(device, rank, world, owns_group)
 
 
-def check_run_folder(out: Path, resume: bool, process: Process) -> None:
-    """Refuse a run folder that already holds a run (unless resuming), or a resume with nothing to resume."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: the run folder (--out) is an existing file")
-    if not process.main:
-        return
-    last = out / "last.pt"
-    if last.exists() and not resume:
-        raise ConfigError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
-    if resume and not last.exists():
-        raise ConfigError(f"--resume: {last} not found (nothing to resume in {out})")
-
-
 @dataclass
 class Run:
     """Everything :func:`build_run` assembles for one training run."""
@@ -253,9 +241,12 @@ class Run:
 def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) -> Run:
     """Data, student, teacher (checked on a few val images), distillers, model and optimiser; writes nothing."""
     from detkd.data import build_dataset, build_transforms
+    from detkd.data.base import check_not_empty
 
     train_set = build_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
     val_set = build_dataset(cfg.data.root, cfg.data.val_split, cfg.data.format, build_transforms(cfg.data, False))
+    check_not_empty(train_set, "training")
+    check_not_empty(val_set, "evaluation")
     classes = list(train_set.classes)
     if list(val_set.classes) != classes:
         raise ConfigError(f"train and val splits of {cfg.data.root} have different classes")
@@ -351,14 +342,12 @@ def restore(run: Run, last: Path) -> Restored:
         nonfinite_total=int(ckpt.get("nonfinite_total", 0)),
         rng=rng if isinstance(rng, list) else [rng],  # older checkpoints: rank 0's state alone
     )
-    if restored.iter >= run.cfg.train.iters:
-        log.info("%s already finished (%d/%d steps)", run.out, restored.iter, run.cfg.train.iters)
     return restored
 
 
 def wrap_distributed(run: Run) -> None:
     """Under several processes, the trainable part (student + distillers) runs as DistributedDataParallel."""
-    if run.process.world <= 1:
+    if not (dist.is_available() and dist.is_initialized()):  # torchrun's group, or one the caller made (even of one)
         return
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -370,12 +359,14 @@ def wrap_distributed(run: Run) -> None:
     )
 
 
-def prepare_run_folder(run: Run, start_iter: int) -> None:
-    """The first write of a run, once everything that can fail on bad input has been checked: the folder, logs
-    trimmed to the checkpoint's step, the resolved config."""
+def prepare_run_folder(run: Run, start_iter: int, overwrite: bool = False) -> None:
+    """The first write of a run, once everything that can fail on bad input has been checked: the folder (emptied
+    of an earlier run's files with ``overwrite``), logs trimmed to the checkpoint's step, the resolved config."""
     if not run.process.main:
         return
     run.out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_run_folder(run.out)
     for name in ("log.jsonl", "eval.jsonl"):
         trim_jsonl(run.out / name, start_iter)
     save_config(run.cfg, run.out / "config.yaml")
@@ -392,7 +383,7 @@ class Hooks:
 
 def make_hooks(run: Run) -> Hooks:
     """LR schedule, method callbacks (epochs, steps, activity check), logs, evaluation, checkpoints, in that order."""
-    from detkd.data import build_dataset, build_transforms
+    from detkd.data import build_transforms
     from detkd.engine.evaluate import run_evaluation
 
     cfg, out, main = run.cfg, run.out, run.process.main
@@ -412,7 +403,7 @@ def make_hooks(run: Run) -> Hooks:
     hooks: list[Hook] = [LRSchedule(cfg.optim)]
     if run.model.distillers:
         context = RunContext(
-            build_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, False)),
+            run.train_set.with_transforms(build_transforms(cfg.data, False)),
             run.process.device,
             cfg.data.batch_size,
             run.iters_per_epoch,
@@ -478,21 +469,29 @@ def summarize(run: Run, trainer: Trainer, hooks: Hooks, start_iter: int, train_t
     }
 
 
-def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
+def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train (and distil, if ``cfg.distill.methods``) as configured; returns the final summary.
+
+    ``resume`` continues the run in ``out`` (a finished one is only reported); ``overwrite`` replaces the run
+    ``out`` holds. Without either, a folder holding results is refused (see :mod:`detkd.engine.rundir`).
 
     Raises:
         DetkdError: for anything the user can fix; files already written are left untouched.
     """
     out = Path(out)
+    check_run_folder(out, resume, overwrite)
     process = start_process(cfg)
-    check_run_folder(out, resume, process)
     torch.manual_seed(cfg.train.seed + process.rank)
     built = build_run(cfg, out, process, resume)
     restored = restore(built, out / "last.pt") if resume else None
     start_iter = restored.iter if restored else 0
+    finished = finished_summary(out, start_iter, cfg.train.iters) if restored else None
+    if finished is not None:  # nothing to train or evaluate again: the saved summary stands
+        if process.owns_group:
+            dist.destroy_process_group()
+        return finished
     wrap_distributed(built)
-    prepare_run_folder(built, start_iter)
+    prepare_run_folder(built, start_iter, overwrite)
     hooks = make_hooks(built)
     trainer = make_trainer(built, hooks.all, start_iter)
     if restored:
