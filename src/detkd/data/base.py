@@ -13,7 +13,6 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from detkd.data.records import ImageRecord, RecordTable
 from detkd.errors import DataError
 
 logger = logging.getLogger("detkd")
@@ -34,34 +34,6 @@ SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # PIL opens 16-bit
 def one_line(text: object) -> str:
     """``text`` with line breaks folded, so an error message stays on one line."""
     return " ".join(str(text).split())
-
-
-@dataclass
-class ImageRecord:
-    """One image of a split and its annotations, boxes already clipped to the image.
-
-    Attributes:
-        path: image file.
-        file_name: the image's name as the annotation files spell it (kept for ``coco_gt``).
-        image_id: integer id, unique within the split.
-        width: image width in pixels.
-        height: image height in pixels.
-        boxes: ``[N, 4]`` float32 xyxy pixels.
-        labels: ``[N]`` int64, 1..C.
-        areas: ``[N]`` float32 area used by the COCO small/medium/large split.
-        ignore: ``[N]`` bool; True for crowd (COCO) and difficult (VOC) objects, which are left out of
-            training targets and only kept as regions the evaluation does not count.
-    """
-
-    path: Path
-    file_name: str
-    image_id: int
-    width: int
-    height: int
-    boxes: np.ndarray
-    labels: np.ndarray
-    areas: np.ndarray
-    ignore: np.ndarray
 
 
 def make_record(
@@ -206,8 +178,6 @@ class DetectionDataset(torch.utils.data.Dataset):
         skipped: Counter | dict[str, int] | None = None,
         transforms: Transform | None = None,
     ):
-        from detkd.data.records import RecordTable
-
         # Arrays, not one object per image: DataLoader workers then share them instead of copying them on access.
         self.records = records if isinstance(records, RecordTable) else RecordTable.from_records(list(records))
         self.classes = list(classes)

@@ -23,18 +23,45 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from detkd.data.base import ImageRecord
 
 log = logging.getLogger("detkd")
 
 CACHE_VERSION = 1
 CACHE_FOLDER = ".detkd_cache"
 _ARRAYS = ("paths", "file_names", "image_ids", "widths", "heights", "offsets", "boxes", "labels", "areas", "ignore")
+
+
+@dataclass
+class ImageRecord:
+    """One image of a split and its annotations, boxes already clipped to the image.
+
+    Attributes:
+        path: image file.
+        file_name: the image's name as the annotation files spell it (kept for ``coco_gt``).
+        image_id: integer id, unique within the split.
+        width: image width in pixels.
+        height: image height in pixels.
+        boxes: ``[N, 4]`` float32 xyxy pixels.
+        labels: ``[N]`` int64, 1..C.
+        areas: ``[N]`` float32 area used by the COCO small/medium/large split.
+        ignore: ``[N]`` bool; True for crowd (COCO) and difficult (VOC) objects, which are left out of
+            training targets and only kept as regions the evaluation does not count.
+    """
+
+    path: Path
+    file_name: str
+    image_id: int
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    areas: np.ndarray
+    ignore: np.ndarray
 
 
 class RecordTable:
