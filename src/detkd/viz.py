@@ -69,6 +69,39 @@ def draw_boxes(
     return np.asarray(pil)
 
 
+def draw_detections(
+    image: Tensor | np.ndarray, boxes: Tensor | np.ndarray, labels: Tensor | np.ndarray, captions: list[str]
+) -> np.ndarray:
+    """Boxes with a caption each (e.g. ``"cat 0.91"``) over an image, one colour per class label.
+
+    Args:
+        image: ``[3, H, W]`` float tensor in [0, 1] or ``HxWx3`` uint8 array.
+        boxes: ``[N, 4]`` xyxy pixels.
+        labels: ``[N]`` class labels (they pick the colours).
+        captions: ``N`` texts written at the top-left corner of each box, on a filled band.
+
+    Returns:
+        The picture, ``HxWx3`` uint8.
+    """
+    picture = to_uint8(image)
+    boxes = boxes.detach().float().cpu().numpy() if isinstance(boxes, Tensor) else np.asarray(boxes, np.float32)
+    labels = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    pil = Image.fromarray(picture)
+    draw = ImageDraw.Draw(pil)
+    width = max(1, round(min(picture.shape[:2]) / 250))
+    for box, label, caption in zip(boxes.reshape(-1, 4), labels.reshape(-1), captions):
+        color = PALETTE[int(label) % len(PALETTE)]
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle([x0, y0, x1, y1], outline=color, width=width)
+        left, top, right, bottom = draw.textbbox((0, 0), caption)
+        # The caption sits above the box, or inside it when the box touches the top edge.
+        ty = y0 - (bottom - top) - 2 if y0 >= (bottom - top) + 2 else y0
+        tx = max(0.0, min(x0, picture.shape[1] - (right - left) - 2))  # kept inside the right edge
+        draw.rectangle([tx, ty, tx + (right - left) + 2, ty + (bottom - top) + 2], fill=color)
+        draw.text((tx + 1, ty - top + 1), caption, fill=(255, 255, 255))
+    return np.asarray(pil)
+
+
 def tile(images: list[np.ndarray], columns: int = 4, pad: int = 2) -> np.ndarray:
     """Arrange images (any sizes) in a grid on a white background."""
     if not images:

@@ -142,4 +142,5 @@ def load_coco(root: Path, split: str, transforms: Transform | None = None) -> De
             )
         )
     check_images_exist([r.path for r in records], str(ann_file))
-    return DetectionDataset(records, classes, root, split, "coco", skipped, transforms)
+    category_ids = [int(c["id"]) for c in categories]
+    return DetectionDataset(records, classes, root, split, "coco", skipped, transforms, category_ids)

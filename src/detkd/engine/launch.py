@@ -66,7 +66,8 @@ def select_device(name: str) -> torch.device:
 
 
 SCHEDULES = ("step", "cosine", "constant")
-# Only rank 0 evaluates, while the other ranks wait in their next collective: the timeout must outlast an evaluation.
+# Rank 0 scores the gathered predictions (and checks the teacher) while the other ranks wait in their next
+# collective: the timeout must outlast that.
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 
 
@@ -318,10 +319,11 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
             max_images=cfg.data.val_max_images,
             workers=cfg.data.workers,
             progress=cfg.train.progress,
+            world_size=world,
         )
 
     logger = Logger(out, cfg.train.log_every, cfg.train.progress, cfg.train.tensorboard, enabled=main)
-    evaluator = Evaluator(evaluate, out, cfg.train.eval_every, classes, enabled=main)
+    evaluator = Evaluator(evaluate, out, cfg.train.eval_every, classes, enabled=main, shared=world > 1)
     hooks = [LRSchedule(cfg.optim)]
     if distillers:
         hooks += [MethodEpochs(iters_per_epoch, context), KDActivityCheck()]
