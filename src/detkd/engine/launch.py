@@ -292,7 +292,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         model.trainable_forward = DDP(
             model.trainable_module,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(distillers),
+            find_unused_parameters=any(d.has_unused_parameters for d in distillers.values()),
         )
 
     if main:
@@ -330,7 +330,16 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
     # The evaluator runs before the checkpointer, so a checkpoint taken at an evaluation step holds its best score.
     hooks += [logger, evaluator, Checkpointer(out, cfg.train.ckpt_every, extra, classes, enabled=main)]
 
-    data = build_train_loader(train_set, cfg.data.batch_size, cfg.train.seed, cfg.data.workers, rank, world, start_iter)
+    data = build_train_loader(
+        train_set,
+        cfg.data.batch_size,
+        cfg.train.seed,
+        cfg.data.workers,
+        rank,
+        world,
+        start_iter,
+        pin_memory=device.type == "cuda",
+    )
     trainer = Trainer(
         model,
         optimizer,

@@ -72,6 +72,10 @@ class Distiller(nn.Module):
         teacher_head: True if the teacher's head outputs (proposals, dense logits...) are needed, not only its
             features.
         kinds: student kinds the method supports (``two_stage``, ``one_stage``, ``detr``).
+        has_unused_parameters: True if some trainable parameter (the method's own or the student's) can get no
+            gradient in a step. Multi-GPU training then asks DistributedDataParallel to look for them
+            (``find_unused_parameters``, a traversal of the whole graph every step); otherwise DDP would stop with
+            an error. tests/methods/test_unused_parameters.py checks the methods that say False.
     """
 
     name: ClassVar[str] = ""
@@ -80,6 +84,7 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = True
     teacher_head: ClassVar[bool] = False
     kinds: ClassVar[tuple[str, ...]] = ("two_stage", "one_stage")
+    has_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, student: Detector, teacher: Detector | None):
         super().__init__()
