@@ -161,3 +161,22 @@ def test_predict_without_data_uses_label_ids(data, checkpoint, tmp_path):
 def test_predict_missing_input_is_one_line(checkpoint, tmp_path, capsys):
     assert main(["predict", str(checkpoint), str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "no such image file or folder" in capsys.readouterr().err
+
+
+def test_api_predict_takes_paths_pil_tensors_and_arrays_alike(data, checkpoint):
+    import detkd
+    from detkd.data.base import load_image
+
+    detector = detkd.load(checkpoint, device="cpu")
+    assert detector.classes == build_dataset(data, "val").classes
+    path = sorted((data / "val").iterdir())[0]
+    pil = Image.open(path)
+    forms = [path, str(path), pil, load_image(path), np.asarray(pil.convert("RGB"))]
+    results = detector.predict(forms, batch_size=2)
+    assert len(results) == len(forms) and len(results[0]["scores"]) > 0
+    for other in results[1:]:
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(other[key], results[0][key])
+    [single] = detector.predict(path, score_threshold=0.1)
+    assert (single["scores"] >= 0.1).all() and len(single["scores"]) <= len(results[0]["scores"])
+    assert single["names"] == [detector.classes[int(k) - 1] for k in single["labels"]]

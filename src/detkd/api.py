@@ -161,7 +161,7 @@ def as_image_tensor(image: ImageLike) -> Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise DataError(f"an image array must be HxWx3, got {list(image.shape)}")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)
+        return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
     if hasattr(image, "convert"):  # a PIL image
         return as_image_tensor(np.asarray(image.convert("RGB")))
     raise DataError(f"cannot read an image from a {type(image).__name__}")
