@@ -338,9 +338,15 @@ class Logger(Hook):
             return
         self.start = time.perf_counter()
         if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tb"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # torch's module raises ImportError itself when the tensorboard package is absent
+                log.warning(
+                    "no TensorBoard scalars: the tensorboard package is not installed (`pip install "
+                    "'detkd[tensorboard]'`, or set train.tensorboard=false to silence this); log.jsonl has the numbers"
+                )
+            else:
+                self.writer = SummaryWriter(str(self.out / "tb"))
         if self.show and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
