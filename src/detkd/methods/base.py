@@ -75,7 +75,7 @@ class Distiller(nn.Module):
         has_unused_parameters: True if some trainable parameter (the method's own or the student's) can get no
             gradient in a step. Multi-GPU training then asks DistributedDataParallel to look for them
             (``find_unused_parameters``, a traversal of the whole graph every step); otherwise DDP would stop with
-            an error. tests/methods/test_unused_parameters.py checks the methods that say False.
+            an error. tests/methods/test_harness.py checks the methods that say False.
     """
 
     name: ClassVar[str] = ""
