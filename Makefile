@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.detkd-installed
 DEMO ?= demo
+# The oldest torch/torchvision pair pyproject.toml allows; `make test-floor` runs the fast suite on it in its own venv.
+FLOOR_VENV ?= .venv-floor
+FLOOR_PAIR ?= torch==2.6.0 torchvision==0.21.0
 
-.PHONY: install test test-slow demo lint clean
+.PHONY: install test test-slow test-floor demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +22,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install $(FLOOR_PAIR) -e ".[dev]"
+	$(FLOOR_VENV)/bin/python -m pytest -q
 
 demo: $(STAMP)
 	$(VENV)/bin/detkd bench --suite demo --out $(DEMO)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import types
@@ -49,3 +50,47 @@ def test_adding_a_method_example_works(at_method):
     with torch.no_grad():
         losses, _ = same(*make_batch(), step=0)
     assert losses["at.kd_att"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+# The schedule, sizes and device of docs/python-api.md's examples, shrunk to seconds; appended after the doc's own
+# overrides (so they win), every other setting is the doc's.
+TINY = [
+    "train.iters=2",
+    "train.device=cpu",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.ckpt_every=0",
+    "optim.warmup_iters=0",
+    "model.min_size=64",
+    "model.max_size=64",
+    "model.fpn_channels=32",
+    "data.batch_size=2",
+    "distill.check_teacher=0",  # a 2-step teacher scores 0, which the check rightly refuses
+]
+
+
+def test_python_api_examples_run(tmp_path, monkeypatch, capsys):
+    import detkd
+    import detkd.api
+    import detkd.data
+
+    real_load_config, real_make_digits = detkd.api.load_config, detkd.data.make_digits
+    monkeypatch.setattr(
+        detkd.api, "load_config", lambda path=None, overrides=(): real_load_config(path, [*overrides, *TINY])
+    )
+    monkeypatch.setattr(detkd.data, "make_digits", lambda out, **kw: real_make_digits(out, train=4, val=2, size=64))
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks(DOCS / "python-api.md")
+    assert len(blocks) == 3
+    namespace: dict = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"python-api.md block {i + 1}", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "teacher mAP" in printed and "student mAP" in printed and "mAP@0.5" in printed
+    assert (tmp_path / "runs" / "kd_fitnet" / "best.pt").is_file()
+    results = json.loads((tmp_path / "runs" / "kd_fitnet" / "val.json").read_text())
+    assert isinstance(results, list)
+    # The last block's detector and result are real objects, not just printed text.
+    assert isinstance(namespace["detector"], detkd.Predictor)
+    assert set(namespace["result"]) == {"boxes", "scores", "labels", "names"}
+    assert bool((namespace["result"]["scores"] >= 0.3).all())

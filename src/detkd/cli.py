@@ -76,6 +76,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--gpus",
+        help="N | all: train on N local GPUs (restarts this command under `torchrun --nproc_per_node N`)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
@@ -106,17 +110,76 @@ def _resolve(args: argparse.Namespace, extra: list[str]) -> Any:
     return load_config(args.config, pairs + list(args.overrides), base=base)
 
 
+def torchrun_command(argv: list[str], processes: int) -> list[str]:
+    """The command that runs ``detkd argv`` (less its ``--gpus``) as ``processes`` local processes under torchrun."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            rest.append(arg)
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "detkd",
+        *rest,
+    ]
+
+
+def _gpu_count(value: str) -> int:
+    if value == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError("--gpus all: no CUDA device found on this machine")
+        return count
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigError(f"--gpus must be a number or 'all', got {value!r}") from None
+    if count < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {count}")
+    return count
+
+
+def _relaunch(args: argparse.Namespace) -> int | None:
+    """With ``--gpus N`` (N > 1), run this same command under torchrun and return its exit status; else None."""
+    if args.gpus is None:
+        return None
+    count = _gpu_count(args.gpus)
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--gpus starts torchrun itself; under torchrun, leave it out")
+    if count == 1 or args.print_config:
+        return None
+    import subprocess
+
+    command = torchrun_command(args.argv, count)
+    print("running:", " ".join(command[1:]), file=sys.stderr)
+    return subprocess.call(command)
+
+
 def _run(cfg: Any, args: argparse.Namespace, default_out: str) -> int:
+    from detkd import api
     from detkd.config import to_dict
-    from detkd.engine.launch import run
 
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    code = _relaunch(args)
+    if code is not None:
+        return code
     out = Path(args.out or default_out)
-    summary = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    start = api.distill if cfg.distill.methods else api.train
+    summary = start(cfg, out, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary is enough
         return 0
     metrics = summary["metrics"]
@@ -132,12 +195,14 @@ def _run(cfg: Any, args: argparse.Namespace, default_out: str) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     extra = [f"model.name={args.model}"] if args.model else []
     cfg = _resolve(args, extra)
-    if cfg.distill.methods:
+    if cfg.distill.methods:  # checked here too: --print-config and --gpus stop before the API checks
         raise ConfigError("the config names distillation methods; use `detkd distill` for them")
     return _run(cfg, args, f"runs/{cfg.model.name}")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from detkd import api
+
     extra = []
     if args.method:
         methods = [m.strip() for m in args.method.split("+") if m.strip()]
@@ -147,46 +212,32 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.student:
         extra.append(f"model.name={args.student}")
     cfg = _resolve(args, extra)
-    if not cfg.distill.methods:
-        raise ConfigError("no method given: pass --method NAME[+NAME] (see `detkd list methods`)")
-    if cfg.distill.teacher is not None and not Path(cfg.distill.teacher).is_file():
-        raise ConfigError(
-            f"--teacher {cfg.distill.teacher}: file not found (train one with `detkd train`, or pass "
-            "--teacher none for teacher-free methods)"
-        )
+    api.check_distill_config(cfg)  # here too: --print-config and --gpus stop before the API runs it
     return _run(cfg, args, f"runs/{'+'.join(cfg.distill.methods)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from detkd.data import build_dataset, build_transforms
-    from detkd.engine.checkpoint import load_detector
-    from detkd.engine.evaluate import run_evaluation
-    from detkd.engine.launch import select_device
+    from detkd import api
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = select_device(args.device)
-    detector, ckpt = load_detector(args.checkpoint, device)
-    from detkd.config import DataConfig
-    from detkd.data.base import check_not_empty
-
-    dataset = build_dataset(args.data, args.split, args.format, build_transforms(DataConfig(), False))
-    check_not_empty(dataset, "evaluation")
-    if list(dataset.classes) != list(ckpt.get("classes", [])):
-        raise ConfigError(
-            f"{args.checkpoint} was trained on classes {ckpt.get('classes')}, {args.data} has {dataset.classes}"
-        )
-    metrics = run_evaluation(
-        detector.predict,
-        dataset,
-        batch_size=args.batch_size,
+    metrics = api.evaluate(
+        args.checkpoint,
+        args.data,
+        split=args.split,
         metric=args.metric,
+        format=args.format,
+        batch_size=args.batch_size,
         max_images=args.max_images,
+        device=args.device,
+        save_predictions=args.save_predictions,
         progress=not args.no_progress,
     )
     _print_metrics(metrics, args.checkpoint)
+    if args.save_predictions:
+        print(f"predictions written to {args.save_predictions} (COCO results format)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         from detkd.engine.evaluate import json_safe
@@ -194,6 +245,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         payload = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, **metrics}
         Path(args.out).write_text(json.dumps(json_safe(payload), indent=2))
         print(f"metrics written to {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from detkd import api
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    predictor = api.load(args.checkpoint, args.device)
+    category_ids = None
+    if args.data:
+        from detkd.data import build_dataset
+
+        dataset = build_dataset(args.data, args.split, "auto")
+        if list(dataset.classes) != predictor.classes:
+            raise ConfigError(
+                f"{args.checkpoint} was trained on classes {predictor.classes}, {args.data} has {dataset.classes}"
+            )
+        category_ids = dataset.category_ids
+    summary = api.predict_files(
+        predictor,
+        args.images,
+        args.out,
+        score_threshold=args.score_threshold,
+        batch_size=args.batch_size,
+        category_ids=category_ids,
+        pictures=not args.no_pictures,
+    )
+    out = Path(args.out)
+    print(
+        f"{summary['images']} images: {summary['detections']} detections in {out / 'predictions.json'} "
+        f"(image ids: {out / 'images.json'})"
+        + ("" if args.no_pictures else f"; {summary['drawn']} scoring >= {args.score_threshold} drawn in {out}")
+    )
     return 0
 
 
@@ -253,6 +340,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("detkd")
+    except PackageNotFoundError:
+        return "0+unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="detkd",
@@ -260,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `detkd COMMAND --help` for the options of a command.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the version")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("data", help="build the built-in dataset", description="Build a built-in dataset.")
@@ -315,16 +412,44 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["coco", "voc", "voc07"],
         help="COCO mAP, VOC mAP@0.5 (area) or VOC07 11-point",
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--max-images", type=int, help="evaluate the first N images only")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--out", help="write the metrics as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--save-predictions",
+        metavar="FILE",
+        help="write the detections scored as a COCO results JSON (the dataset's image and category ids)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser(
+        "predict",
+        help="detect objects in images",
+        description="Run a checkpoint on image files or folders. Writes OUT/predictions.json (COCO results: every "
+        "detection the detector outputs, scores down to its own floor, 0.05 for Faster R-CNN/RetinaNet/FCOS), "
+        "OUT/images.json (image id -> file, and the categories) and one PNG per image with the boxes scoring at "
+        "least --score-threshold, labelled with class name and score.",
+    )
+    p.add_argument("checkpoint", help="student.pt / best.pt / last.pt")
+    p.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files, or folders of images (not recursive)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="draw boxes scoring at least this (default 0.3)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument(
+        "--data",
+        help="the dataset the checkpoint was trained on: its category ids go into the JSON (default 1..C)",
+    )
+    p.add_argument("--split", default="train", help="split of --data to read the categories from (default train)")
+    p.add_argument("--no-pictures", action="store_true", help="write the JSON files only")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("list", help="list methods, detectors or backbones")
-    p.add_argument("what", choices=["methods", "detectors", "backbones"])
+    p.add_argument("what", choices=["methods", "detectors", "backbones"], help="what to list")
     p.set_defaults(func=cmd_list)
 
     _add_optional_commands(sub)
@@ -352,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + rest
         else:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -2,10 +2,17 @@
 
 Plain training is the same object with no teacher and no distillers, so ``detkd train`` and
 ``detkd distill`` share one loop, one checkpoint format and one evaluation.
+
+The package attribute ``detkd.distill`` is this module, and calling it runs the Python API's
+:func:`detkd.api.distill` (``detkd.distill(cfg, out)``): a submodule and a package function cannot share a name
+otherwise, since importing the submodule rebinds the attribute.
 """
 
 from __future__ import annotations
 
+import sys
+import types
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -169,3 +176,14 @@ def build_distillers(
         cfg = from_dict(cls.Config, options.get(name, {}), where=f"distill.options.{name}")
         distillers[name] = cls(cfg, student, teacher)
     return distillers
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, cfg: Any, out: str | Path, resume: bool = False) -> dict[str, Any]:
+        """``detkd.distill(cfg, out)``: see :func:`detkd.api.distill`."""
+        from detkd.api import distill
+
+        return distill(cfg, out, resume)
+
+
+sys.modules[__name__].__class__ = _CallableModule

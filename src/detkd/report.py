@@ -31,10 +31,9 @@ def _is_loss(key: str) -> bool:
 
 def plot_curves(run: Path, out: Path) -> list[Path]:
     """Loss terms over steps (task vs distillation) and eval mAP over steps."""
-    import matplotlib
+    from detkd.viz import eval_curve, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = _read_jsonl(run / "log.jsonl")
     paths = []
@@ -43,7 +42,9 @@ def plot_curves(run: Path, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.4))
         for key in keys:
             pts = [(r["iter"], r[key]) for r in rows if key in r]
-            ax.plot(*zip(*pts), label=key, lw=1.0, ls="-" if key.startswith("loss_") else "--")
+            # A marker where a line has a single point, which a plain line would not draw.
+            marker = "o" if len(pts) == 1 else None
+            ax.plot(*zip(*pts), label=key, lw=1.0, ls="-" if key.startswith("loss_") else "--", marker=marker)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (weighted)")
@@ -54,15 +55,9 @@ def plot_curves(run: Path, out: Path) -> list[Path]:
         plt.close(fig)
     evals = _read_jsonl(run / "eval.jsonl")
     if evals:
-        fig, ax = plt.subplots(figsize=(4, 3))
-        ax.plot([e["iter"] for e in evals], [e.get("AP") or 0 for e in evals], "o-", label="mAP")
-        ax.plot([e["iter"] for e in evals], [e.get("AP50") or 0 for e in evals], "s-", label="mAP@.5")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "eval.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        steps = [e["iter"] for e in evals]
+        series = {"mAP": [e.get("AP") for e in evals], "mAP@.5": [e.get("AP50") for e in evals]}
+        paths.append(eval_curve(steps, series, out / "eval.png"))
     return paths
 
 

@@ -161,3 +161,67 @@ def test_two_ranks_match_one_rank_and_only_rank0_writes(setup):
     assert sorted(p.name for p in out2.iterdir()) == sorted(p.name for p in out1.iterdir())
     assert len((out2 / "eval.jsonl").read_text().splitlines()) == 1
     assert not list(out2.glob(".*.tmp"))
+
+
+def _noisy_predictions(dataset, indices):
+    """Jittered ground truth plus false positives, a function of the image index alone (whichever rank asks)."""
+    order = iter(indices)
+
+    def predict(images):
+        out = []
+        for _ in images:
+            i = next(order)
+            g = torch.Generator().manual_seed(i)
+            record = dataset.records[i]
+            boxes = torch.from_numpy(record.boxes).reshape(-1, 4) + torch.randn(len(record.boxes), 4, generator=g)
+            wrong = torch.rand(2, 2, generator=g) * 40
+            boxes = torch.cat([boxes, torch.cat([wrong, wrong + 16], 1)])
+            labels = torch.cat([torch.from_numpy(record.labels), torch.randint(1, 11, (2,), generator=g)])
+            out.append({"boxes": boxes, "scores": torch.rand(len(boxes), generator=g), "labels": labels})
+        return out
+
+    return predict
+
+
+def _eval_worker(rank: int, port: int, data: str, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    from detkd.data import build_dataset
+    from detkd.engine.evaluate import run_evaluation
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        dataset = build_dataset(data, "val")
+        indices = range(rank, len(dataset), WORLD)  # the eval loader's share for this rank
+        gathered: list = []
+        metrics = run_evaluation(
+            _noisy_predictions(dataset, indices),
+            dataset,
+            batch_size=2,
+            progress=False,
+            world_size=WORLD,
+            predictions=gathered,
+        )
+        Path(result_dir, f"rank{rank}.json").write_text(
+            json.dumps({"metrics": metrics, "gathered": [p["image_id"] for p in gathered]})
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_shared_by_two_ranks_equals_one_rank(tmp_path):
+    from detkd.data import build_dataset
+    from detkd.engine.evaluate import run_evaluation
+
+    data = tmp_path / "digits"
+    make_digits(data, train=2, val=7, size=64)  # 7 images: the ranks get 4 and 3
+    mp.spawn(_eval_worker, args=(_free_port(), str(data), str(tmp_path)), nprocs=WORLD, join=True)
+    dataset = build_dataset(data, "val")
+    single = run_evaluation(_noisy_predictions(dataset, range(len(dataset))), dataset, batch_size=2, progress=False)
+    assert 0.1 < single["AP"] < 0.9 and single["num_images"] == 7
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
+    # Every rank gets the numbers rank 0 computed (compared as text: an undefined metric is NaN on both).
+    assert json.dumps(rank0["metrics"]) == json.dumps(rank1["metrics"])
+    assert rank0["gathered"] == dataset.image_ids() and rank1["gathered"] == []
+    for key in ("AP", "AP50", "AP75", "num_images"):
+        assert rank0["metrics"][key] == pytest.approx(single[key], abs=1e-9), key

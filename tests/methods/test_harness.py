@@ -102,6 +102,10 @@ def test_teacher_untouched_by_a_training_step(method, kind):
         losses, _ = model(images, targets, step=step)
         opt.zero_grad()
         sum(losses.values()).backward()
+        if not METHODS.get(method).has_unused_parameters:
+            # Multi-GPU training counts on it: DDP looks for parameters without gradient only where declared.
+            missing = [n for n, p in model.trainable_module.named_parameters() if p.requires_grad and p.grad is None]
+            assert not missing, f"no gradient for {missing[:3]}: declare has_unused_parameters = True"
         opt.step()
     assert not model.teacher.training
     for key, value in model.teacher.state_dict().items():

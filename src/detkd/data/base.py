@@ -166,6 +166,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         format: the reader that produced the records (``coco``, ``voc``, ``yolo``).
         skipped: annotations left out of training targets, by reason.
         transforms: applied to ``(image, target)`` after decoding, or None.
+        category_ids: the dataset's own category id of each class (``category_ids[i]`` is ``classes[i]``'s):
+            the COCO file's ids; 1..C for VOC and YOLO, whose files have none.
     """
 
     def __init__(
@@ -177,10 +179,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         format: str,
         skipped: Counter | dict[str, int] | None = None,
         transforms: Transform | None = None,
+        category_ids: list[int] | None = None,
     ):
         # Arrays, not one object per image: DataLoader workers then share them instead of copying them on access.
         self.records = records if isinstance(records, RecordTable) else RecordTable.from_records(list(records))
         self.classes = list(classes)
+        self.category_ids = list(range(1, len(classes) + 1)) if category_ids is None else list(category_ids)
+        if len(self.category_ids) != len(self.classes):
+            raise ValueError(f"{len(self.category_ids)} category ids for {len(self.classes)} classes")
         self.root = Path(root)
         self.split = split
         self.format = format

@@ -79,20 +79,21 @@ def load_coco(root: Path, split: str, transforms: Transform | None = None) -> De
     """
     ann_file = root / "annotations" / f"instances_{split}.json"
 
-    def parse() -> tuple[RecordTable, list[str], Counter]:
+    def parse() -> tuple[RecordTable, list[str], list[int], Counter]:
         return _parse(ann_file, root, split)
 
     if ann_file.is_file():
         # Parsed once per file version: later reads (other ranks, the next run) load the cached arrays.
-        table, classes, skipped = cached_table(ann_file, f"{root.resolve()}|{split}", parse)
+        table, classes, category_ids, skipped = cached_table(ann_file, f"{root.resolve()}|{split}", parse)
     else:
-        table, classes, skipped = parse()  # reports the missing file
+        table, classes, category_ids, skipped = parse()  # reports the missing file
     check_images_exist(table.image_paths(), str(ann_file))
-    return DetectionDataset(table, classes, root, split, "coco", skipped, transforms)
+    return DetectionDataset(table, classes, root, split, "coco", skipped, transforms, category_ids)
 
 
-def _parse(ann_file: Path, root: Path, split: str) -> tuple[RecordTable, list[str], Counter]:
-    """Read and check the annotation file; returns the records as arrays, the class names, skipped counts."""
+def _parse(ann_file: Path, root: Path, split: str) -> tuple[RecordTable, list[str], list[int], Counter]:
+    """Read and check the annotation file; returns the records as arrays, the class names, their COCO category
+    ids and the skipped counts."""
     data = _read_json(ann_file)
 
     for i, cat in enumerate(data["categories"]):
@@ -166,4 +167,4 @@ def _parse(ann_file: Path, root: Path, split: str) -> tuple[RecordTable, list[st
         np.frombuffer(areas, dtype=np.float64),
         skipped,
     )
-    return table, classes, skipped
+    return table, classes, [int(c["id"]) for c in categories], skipped

@@ -91,6 +91,7 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     start_iter: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[Batch]:
     """An endless iterator of training batches ``(images, targets)`` for this rank.
 
@@ -102,6 +103,7 @@ def build_train_loader(
         rank: this process's rank.
         world_size: number of processes.
         start_iter: batches already consumed (on resume); the iterator continues from the next one.
+        pin_memory: put batches in page-locked memory, so the copy to a CUDA device can overlap compute.
 
     Returns:
         An iterator that never ends; take as many batches as the schedule needs.
@@ -114,6 +116,7 @@ def build_train_loader(
         num_workers=workers,
         collate_fn=collate,
         persistent_workers=workers > 0,
+        pin_memory=pin_memory,
     )
     return iter(loader)
 

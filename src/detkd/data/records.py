@@ -219,20 +219,23 @@ def cache_folders(source: Path) -> list[Path]:
     return [source.parent / CACHE_FOLDER, user]
 
 
-def _load(path: Path, key: str) -> tuple[RecordTable, list[str], Counter] | None:
+def _load(path: Path, key: str) -> tuple[RecordTable, list[str], list[int], Counter] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
             table = RecordTable(**{name: z[name] for name in _ARRAYS})
             classes = [str(c) for c in z["classes"]]
+            category_ids = [int(c) for c in z["category_ids"]]
             skipped = Counter({str(k): int(v) for k, v in zip(z["skipped_reasons"], z["skipped_counts"])})
     except (OSError, ValueError, KeyError, EOFError):
         return None  # a damaged or foreign file: parse again and replace it
-    return table, classes, skipped
+    return table, classes, category_ids, skipped
 
 
-def _save(path: Path, key: str, table: RecordTable, classes: list[str], skipped: Counter) -> None:
+def _save(
+    path: Path, key: str, table: RecordTable, classes: list[str], category_ids: list[int], skipped: Counter
+) -> None:
     """Write atomically (temporary file + rename), so a reader never sees half a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -242,6 +245,7 @@ def _save(path: Path, key: str, table: RecordTable, classes: list[str], skipped:
                 f,
                 key=np.array(key),
                 classes=np.array(classes, dtype=np.str_) if classes else np.zeros(0, dtype="U1"),
+                category_ids=np.array(category_ids, dtype=np.int64),
                 skipped_reasons=np.array(sorted(skipped), dtype=np.str_) if skipped else np.zeros(0, dtype="U1"),
                 skipped_counts=np.array([skipped[k] for k in sorted(skipped)], dtype=np.int64),
                 **table.arrays(),
@@ -270,8 +274,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def cached_table(
-    source: Path, extra: str, parse: Callable[[], tuple[RecordTable, list[str], Counter]]
-) -> tuple[RecordTable, list[str], Counter]:
+    source: Path, extra: str, parse: Callable[[], tuple[RecordTable, list[str], list[int], Counter]]
+) -> tuple[RecordTable, list[str], list[int], Counter]:
     """``parse()``'s result for the annotation file ``source``, from the cache when it holds one for this very
     file (same path, size and mtime, and ``extra``, e.g. the image folder), else parsed and cached.
 

@@ -225,6 +225,48 @@ def _subset_gt(coco_gt: dict[str, Any], image_ids: set[int]) -> dict[str, Any]:
     }
 
 
+def coco_results(predictions: Sequence[Prediction], category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Predictions as a COCO results list (what ``COCO.loadRes`` and the COCO evaluation server read).
+
+    Args:
+        predictions: per-image predictions, labels 1..C.
+        category_ids: the dataset's category id of each label (``category_ids[label - 1]``).
+
+    Returns:
+        One ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` per detection, in the order given;
+        boxes rounded to 1/1000 pixel and scores to 5 decimals (tests/test_predictions.py scores such a file with
+        pycocotools to the mAP computed before rounding, within 1e-4).
+    """
+    image_ids, boxes, scores, labels = _flatten(predictions)
+    ids = list(category_ids)
+    if len(labels) and (labels.min() < 1 or labels.max() > len(ids)):
+        raise ValueError(f"labels must be in 1..{len(ids)}, got {labels.min()}..{labels.max()}")
+    return [
+        {
+            "image_id": int(i),
+            "category_id": ids[c - 1],
+            "bbox": [round(b[0], 3), round(b[1], 3), round(b[2] - b[0], 3), round(b[3] - b[1], 3)],
+            "score": round(s, 5),
+        }
+        for i, b, s, c in zip(image_ids.tolist(), boxes.tolist(), scores.tolist(), labels.tolist())
+    ]
+
+
+def _gather(predictions: list[Prediction], world_size: int) -> list[Prediction]:
+    """Every rank's predictions on rank 0, in dataset order (rank ``r`` evaluated images ``r, r + world, ...``);
+    other ranks get an empty list."""
+    import torch.distributed as dist
+
+    shards: list[Any] = [None] * world_size if dist.get_rank() == 0 else []
+    dist.gather_object(predictions, shards if dist.get_rank() == 0 else None, dst=0)
+    if dist.get_rank() != 0:
+        return []
+    merged: list[Prediction] = []
+    for i in range(max(len(shard) for shard in shards)):
+        merged += [shard[i] for shard in shards if i < len(shard)]
+    return merged
+
+
 @torch.no_grad()
 def run_evaluation(
     predict_fn: Callable[[list[Tensor]], list[dict[str, Tensor]]],
@@ -234,6 +276,8 @@ def run_evaluation(
     max_images: int | None = None,
     workers: int = 0,
     progress: bool = True,
+    world_size: int = 1,
+    predictions: list[Prediction] | None = None,
 ) -> dict[str, Any]:
     """Predict on a dataset and score the predictions.
 
@@ -246,6 +290,10 @@ def run_evaluation(
         max_images: evaluate only the first this many images.
         workers: DataLoader worker processes.
         progress: show a progress bar.
+        world_size: with more than one process (``torch.distributed`` initialised), every rank predicts its share
+            of the images, rank 0 gathers them and scores them once, and every rank returns the same metrics.
+        predictions: if given, the per-image predictions that were scored (``image_id``, ``boxes`` xyxy, ``scores``,
+            ``labels``) are appended to this list (on rank 0), e.g. for :func:`coco_results`.
 
     Returns:
         The metric's dict (see :func:`coco_metrics`, :func:`voc_metrics`) plus ``num_images``.
@@ -257,15 +305,22 @@ def run_evaluation(
 
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    loader = build_eval_loader(dataset, batch_size, workers=workers, max_images=max_images)
-    predictions: list[Prediction] = []
-    with _progress_bar(progress, len(loader)) as advance:
+    rank = 0
+    if world_size > 1:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+    loader = build_eval_loader(
+        dataset, batch_size, workers=workers, max_images=max_images, rank=rank, world_size=world_size
+    )
+    mine: list[Prediction] = []
+    with _progress_bar(progress and rank == 0, len(loader)) as advance:
         for images, targets in loader:
             outputs = predict_fn(images)
             if len(outputs) != len(images):
                 raise ValueError(f"predict_fn returned {len(outputs)} results for {len(images)} images")
             for out, target in zip(outputs, targets):
-                predictions.append(
+                mine.append(
                     {
                         "image_id": target["image_id"],
                         "boxes": out["boxes"].detach().float().cpu(),
@@ -274,13 +329,34 @@ def run_evaluation(
                     }
                 )
             advance()
-    coco_gt = _subset_gt(dataset.coco_gt(), {p["image_id"] for p in predictions})
+    if world_size > 1:
+        return _score_on_rank0(_gather(mine, world_size), dataset, metric, predictions)
+    return _score(mine, dataset, metric, predictions)
+
+
+def _score(
+    gathered: list[Prediction], dataset: Any, metric: str, predictions: list[Prediction] | None
+) -> dict[str, Any]:
+    coco_gt = _subset_gt(dataset.coco_gt(), {p["image_id"] for p in gathered})
     if metric == "coco":
-        result = coco_metrics(predictions, coco_gt, dataset.classes)
+        result = coco_metrics(gathered, coco_gt, dataset.classes)
     else:
-        result = voc_metrics(predictions, coco_gt, dataset.classes, use_07_metric=metric == "voc07")
-    result["num_images"] = len(predictions)
+        result = voc_metrics(gathered, coco_gt, dataset.classes, use_07_metric=metric == "voc07")
+    result["num_images"] = len(gathered)
+    if predictions is not None:
+        predictions.extend(gathered)
     return result
+
+
+def _score_on_rank0(
+    gathered: list[Prediction], dataset: Any, metric: str, predictions: list[Prediction] | None
+) -> dict[str, Any]:
+    """Score on rank 0 and share the numbers, so every rank takes the same decisions from them."""
+    import torch.distributed as dist
+
+    box = [_score(gathered, dataset, metric, predictions) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextmanager

@@ -176,7 +176,9 @@ class Evaluator(Hook):
         every: steps between evaluations (0 = only at the end).
         classes: class names, stored with the student.
         key: the metric that decides "best".
-        enabled: False on non-zero ranks.
+        enabled: False on non-zero ranks: they write nothing.
+        shared: every rank calls ``evaluate`` (which shares the images out and gathers the predictions);
+            without it only enabled ranks evaluate.
     """
 
     def __init__(
@@ -187,13 +189,14 @@ class Evaluator(Hook):
         classes: list[str],
         key: str = "AP",
         enabled: bool = True,
+        shared: bool = False,
     ):
         self.evaluate, self.out, self.every, self.classes, self.key = evaluate, out, every, classes, key
-        self.enabled = enabled
+        self.enabled, self.shared = enabled, shared
         self.last: dict[str, Any] = {}
 
     def run(self, trainer: Trainer) -> None:
-        if not self.enabled:
+        if not (self.enabled or self.shared):
             return
         start = time.perf_counter()
         # Evaluation draws random numbers (the eval DataLoader seeds itself from the global generator); forking
@@ -203,6 +206,8 @@ class Evaluator(Hook):
             metrics = self.evaluate(trainer.model.student)
         metrics = {"iter": trainer.iter, **metrics, "eval_time_s": round(time.perf_counter() - start, 3)}
         self.last = metrics
+        if not self.enabled:
+            return
         with open(self.out / "eval.jsonl", "a") as f:
             f.write(json.dumps(json_safe(metrics)) + "\n")
         score = metrics.get(self.key)
@@ -342,9 +347,15 @@ class Logger(Hook):
             return
         self.start = time.perf_counter()
         if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tb"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # torch's module raises ImportError itself when the tensorboard package is absent
+                log.warning(
+                    "no TensorBoard scalars: the tensorboard package is not installed (`pip install "
+                    "'detkd[tensorboard]'`, or set train.tensorboard=false to silence this); log.jsonl has the numbers"
+                )
+            else:
+                self.writer = SummaryWriter(str(self.out / "tb"))
         if self.show and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

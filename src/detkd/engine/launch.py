@@ -71,7 +71,8 @@ def select_device(name: str) -> torch.device:
         raise ConfigError(f"train.device: unknown device {name!r}") from None
 
 
-# Only rank 0 evaluates, while the other ranks wait in their next collective: the timeout must outlast an evaluation.
+# Rank 0 scores the gathered predictions (and checks the teacher) while the other ranks wait in their next
+# collective: the timeout must outlast that.
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 
 
@@ -355,7 +356,7 @@ def wrap_distributed(run: Run) -> None:
     run.model.trainable_forward = DDP(
         run.model.trainable_module,
         device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=bool(run.model.distillers),
+        find_unused_parameters=any(d.has_unused_parameters for d in run.model.distillers.values()),
     )
 
 
@@ -396,10 +397,11 @@ def make_hooks(run: Run) -> Hooks:
             max_images=cfg.data.val_max_images,
             workers=cfg.data.workers,
             progress=cfg.train.progress,
+            world_size=run.process.world,
         )
 
     logger = Logger(out, cfg.train.log_every, cfg.train.progress, cfg.train.tensorboard, enabled=main)
-    evaluator = Evaluator(evaluate, out, cfg.train.eval_every, run.classes, enabled=main)
+    evaluator = Evaluator(evaluate, out, cfg.train.eval_every, run.classes, enabled=main, shared=run.process.world > 1)
     hooks: list[Hook] = [LRSchedule(cfg.optim)]
     if run.model.distillers:
         context = RunContext(
@@ -423,7 +425,14 @@ def make_trainer(run: Run, hooks: list[Hook], start_iter: int) -> Trainer:
 
     cfg, process = run.cfg, run.process
     data = build_train_loader(
-        run.train_set, cfg.data.batch_size, cfg.train.seed, cfg.data.workers, process.rank, process.world, start_iter
+        run.train_set,
+        cfg.data.batch_size,
+        cfg.train.seed,
+        cfg.data.workers,
+        process.rank,
+        process.world,
+        start_iter,
+        pin_memory=process.device.type == "cuda",
     )
     return Trainer(
         run.model,

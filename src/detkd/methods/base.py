@@ -76,6 +76,10 @@ class Distiller(nn.Module):
             the student baseline by more than twice the baseline's seed spread.
         paper_gap_closed: the share of the teacher-student mAP gap the method's paper reports closing (1.0 = the
             student reaches its teacher), shown next to the measured share; None when the paper states none.
+        has_unused_parameters: True if some trainable parameter (the method's own or the student's) can get no
+            gradient in a step. Multi-GPU training then asks DistributedDataParallel to look for them
+            (``find_unused_parameters``, a traversal of the whole graph every step); otherwise DDP would stop with
+            an error. tests/methods/test_harness.py checks the methods that say False.
     """
 
     name: ClassVar[str] = ""
@@ -86,6 +90,7 @@ class Distiller(nn.Module):
     kinds: ClassVar[tuple[str, ...]] = ("two_stage", "one_stage")
     benchmark_goal: ClassVar[bool] = False
     paper_gap_closed: ClassVar[float | None] = None
+    has_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, student: Detector, teacher: Detector | None):
         super().__init__()

@@ -389,6 +389,9 @@ class LGD(Distiller):
     needs_teacher = False
     kinds = ("two_stage", "one_stage")
     benchmark_goal = True  # teacher-free: no gap to close
+    # The context projection exists whatever context_box says and gets no gradient when it is off (the two-stage
+    # default).
+    has_unused_parameters = True
 
     def __init__(self, cfg: LGDConfig, student: Detector, teacher: Detector | None):
         super().__init__(cfg, student, teacher)
