@@ -44,7 +44,9 @@ class ModelConfig:
     # (slim, 128 px, no pretrained backbone) into the dataset folder (DATASET_SETTINGS), read under --config.
     preset: Literal["slim", "standard"] = "standard"
     backbone_weights: str = "imagenet"  # imagenet | none | path to a backbone state-dict file
-    weights: str = "none"  # whole detector: none | torchvision (COCO) | torchvision state dict or detkd checkpoint
+    # Whole detector: none | torchvision (COCO) | a torchvision state dict or detkd checkpoint; when set, it replaces
+    # backbone_weights, and BatchNorm is frozen as for a pretrained backbone.
+    weights: str = "none"
     min_size: int = 800  # images are resized so the short side is min_size ...
     max_size: int = 1333  # ... and the long side at most max_size
     fpn_channels: int | None = None  # override the preset's FPN / transformer width

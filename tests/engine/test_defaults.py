@@ -72,8 +72,9 @@ def test_print_config_names_the_layers(digits, capsys):
 def test_first_log_line_states_size_preset_and_weights():
     cfg = load_config(overrides=["model.weights=runs/base/best.pt"])
     line = describe_model(cfg)
-    for part in ("frcnn_r18", "preset standard", "800 px", "1333", "runs/base/best.pt", "backbone weights imagenet"):
+    for part in ("frcnn_r18", "preset standard", "800 px", "1333", "detector weights runs/base/best.pt"):
         assert part in line
+    assert describe_model(load_config()).endswith("backbone weights imagenet")
 
 
 def records(*sides):
@@ -126,3 +127,21 @@ def test_weights_flag_runs_end_to_end(digits, tmp_path, capsys):
     assert "tensors loaded into frcnn_r18" in text and "(detkd checkpoint)" in text
     rebuilt, ckpt = load_detector(tmp_path / "run" / "student.pt")
     assert ckpt["spec"]["frozen_bn"] is True
+
+
+def test_default_imagenet_backbone_offline_says_which_option_to_pass(digits, tmp_path, monkeypatch, capsys):
+    """A user's data with the defaults, no cached ImageNet file, no network: one line naming the options."""
+    import shutil
+
+    import torch
+
+    user = tmp_path / "user_data"
+    shutil.copytree(digits[0], user)
+    (user / DATASET_SETTINGS).unlink()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    argv = ["train", "--data", str(user), "--out", str(tmp_path / "run"), "--iters", "1", "--no-progress"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.backbone_weights=PATH" in err[0] and "model.backbone_weights=none" in err[0]
+    assert not (tmp_path / "run").exists()

@@ -193,11 +193,8 @@ def peak_memory_mb(device: torch.device) -> float:
 def describe_model(cfg: Config) -> str:
     """The first log line of a run: what is trained, at what input size, from which weights."""
     m = cfg.model
-    weights = f"detector weights {m.weights}, " if m.weights != "none" else ""
-    return (
-        f"model {m.name}: preset {m.preset}, input short side {m.min_size} px (long side <= {m.max_size}), "
-        f"{weights}backbone weights {m.backbone_weights}"
-    )
+    weights = f"detector weights {m.weights}" if m.weights != "none" else f"backbone weights {m.backbone_weights}"
+    return f"model {m.name}: preset {m.preset}, input short side {m.min_size} px (long side <= {m.max_size}), {weights}"
 
 
 def input_size_warning(dataset: Any, min_size: int) -> str | None:
@@ -294,7 +291,8 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         cfg.model.name,
         len(classes),
         preset=cfg.model.preset,
-        backbone_weights=cfg.model.backbone_weights,
+        # Whole-detector weights bring their own backbone: no ImageNet file to find (or fetch) first.
+        backbone_weights=cfg.model.backbone_weights if cfg.model.weights == "none" else "none",
         min_size=cfg.model.min_size,
         max_size=cfg.model.max_size,
         fpn_channels=cfg.model.fpn_channels,
