@@ -95,3 +95,20 @@ def test_list_backbones_mentions_timm(capsys):
 
     assert main(["list", "backbones"]) == 0
     assert "timm:<model>" in capsys.readouterr().out
+
+
+def test_timm_imagenet_weights_go_through_timm(monkeypatch):
+    """``backbone_weights=imagenet`` asks timm for its pretrained weights; offline, one sentence names the options."""
+    asked = []
+    create = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        asked.append(pretrained)
+        if pretrained:
+            raise OSError("no network")
+        return create(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(BuildError, match=r"could not be fetched \(OSError\); pass model.backbone_weights=PATH"):
+        build_detector(f"frcnn_timm:{MODEL}", 3, backbone_weights="imagenet", min_size=64, max_size=64)
+    assert asked == [True]

@@ -97,14 +97,16 @@ def is_backbone(name: str) -> bool:
 
 
 class _TimmStages(nn.Module):
-    """A timm ``features_only`` model whose four outputs are named ``c2..c5``."""
+    """A timm ``features_only`` model whose outputs at strides 4, 8, 16 and 32 are named ``c2..c5``."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, picks: list[int]):
         super().__init__()
         self.net = net
+        self.picks = picks  # output index of each stage
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        return OrderedDict(zip(STAGE_STRIDES, self.net(x)))
+        outputs = self.net(x)
+        return OrderedDict((stage, outputs[i]) for stage, i in zip(STAGE_STRIDES, self.picks))
 
 
 def _import_timm():
@@ -118,36 +120,30 @@ def _import_timm():
 def _timm_body(model: str, frozen_bn: bool, pretrained: bool = False) -> Body:
     timm = _import_timm()
     try:
-        probe = timm.create_model(model, pretrained=False, features_only=True)
+        net = timm.create_model(model, pretrained=pretrained, features_only=True)
     except RuntimeError as exc:  # timm: "Unknown model (...)"
         raise BuildError(f"timm:{model}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001  (e.g. a model that cannot return features)
-        raise BuildError(f"timm:{model} cannot be built with features_only ({type(exc).__name__}: {exc})") from None
-    reductions = probe.feature_info.reduction()
+    except Exception as exc:  # noqa: BLE001  (no network, no published weights, no features_only support)
+        what = "ImageNet weights could not be fetched" if pretrained else "cannot be built with features_only"
+        raise BuildError(
+            f"timm:{model}: {what} ({type(exc).__name__}); pass model.backbone_weights=PATH (a timm state dict) "
+            "or model.backbone_weights=none"
+        ) from None
+    reductions = net.feature_info.reduction()
     # The last output at each stride: the deepest features of that resolution, as torchvision's layer1..layer4.
-    picks = {}
-    for stage, stride in STAGE_STRIDES.items():
+    picks = []
+    for stride in STAGE_STRIDES.values():
         found = [i for i, r in enumerate(reductions) if r == stride]
         if not found:
             raise BuildError(
                 f"timm:{model} has no feature map at stride {stride} (its strides: {reductions}); the FPN needs "
                 "outputs at strides 4, 8, 16 and 32"
             )
-        picks[stage] = found[-1]
-    if pretrained:
-        try:
-            net = timm.create_model(model, pretrained=True, features_only=True, out_indices=tuple(picks.values()))
-        except Exception as exc:  # noqa: BLE001  (no network, no published weights: the user's fix is the same)
-            raise BuildError(
-                f"timm:{model}: ImageNet weights could not be fetched ({type(exc).__name__}); pass "
-                "model.backbone_weights=PATH (a timm state dict) or model.backbone_weights=none"
-            ) from None
-    else:
-        net = timm.create_model(model, pretrained=False, features_only=True, out_indices=tuple(picks.values()))
-    channels = dict(zip(STAGE_STRIDES, net.feature_info.channels()))
+        picks.append(found[-1])
+    channels = dict(zip(STAGE_STRIDES, (net.feature_info.channels()[i] for i in picks)))
     if frozen_bn:
         net = timm.layers.freeze_batch_norm_2d(net)
-    return Body(_TimmStages(net), channels, None, net)
+    return Body(_TimmStages(net, picks), channels, None, net)
 
 
 def imagenet_file(weights: object) -> Path:
