@@ -101,6 +101,30 @@ def test_other_architecture_is_refused_in_one_sentence(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow  # builds one more torchvision R50 detector
+def test_v2_detector_is_refused(tmp_path):
+    """fasterrcnn_resnet50_fpn_v2 shares the ResNet-50 but not the FPN (BatchNorm, no biases) or the heads."""
+    path = tmp_path / "v2.pth"
+    torch.save(tvd.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict(), path)
+    with pytest.raises(BuildError, match=r"the file lacks \d+ of the model's tensors, first model.backbone.fpn"):
+        load_weights(standard("frcnn"), str(path))
+
+
+@pytest.mark.slow  # builds one more torchvision R50 detector
+def test_extra_file_tensors_are_skipped_and_named(tmp_path, caplog):
+    """A Mask R-CNN file holds every Faster R-CNN tensor and a mask head: the mask head is skipped, by name."""
+    torch.manual_seed(0)
+    path = tmp_path / "mask.pth"
+    torch.save(tvd.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5).state_dict(), path)
+    detector = standard("frcnn")
+    with caplog.at_level(logging.INFO, logger="detkd"):
+        report = load_weights(detector, str(path))
+    assert report["reinitialised"] == [] and report["skipped"]
+    assert all(".mask_" in k for k in report["skipped"])
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert f"skipped {len(report['skipped'])} file tensor(s)" in line and "mask_" in line
+
+
 def test_backbone_only_file_is_refused(tmp_path):
     import torchvision
 

@@ -4,12 +4,13 @@ torchvision's COCO weights.
 The ``standard`` preset of ``frcnn_r50``, ``retinanet_r50`` and ``fcos_r50`` has the layers (names and shapes) of
 torchvision's ``fasterrcnn_resnet50_fpn``, ``retinanet_resnet50_fpn`` and ``fcos_resnet50_fpn``; detkd's adapter
 holds the torchvision model as ``model``, so a torchvision key ``backbone.body.conv1.weight`` is detkd's
-``model.backbone.body.conv1.weight``. The v2 variants (``*_v2``) have other heads (and RetinaNet v2 another P6):
-their layers do not fit and such a file is refused.
+``model.backbone.body.conv1.weight``. The v2 variants (``*_v2``) have other heads and
+FPN layers (and RetinaNet v2 another P6): such a file is refused.
 
-Every tensor whose name and shape match is loaded. The class-specific layers (the box classifier and regressor of
-Faster R-CNN, the class logits of RetinaNet and FCOS) keep their fresh initialisation when the class count differs;
-any other shape difference means another architecture, and the file is refused.
+Every tensor of the model must be in the file with its shape, except the class-specific layers (the box classifier
+and regressor of Faster R-CNN, the class logits of RetinaNet and FCOS), which keep their fresh initialisation when
+the class count differs; anything else missing or shaped otherwise means another architecture, and the file is
+refused. Tensors of the file that the model has no place for (a Mask R-CNN's mask head) are skipped and named.
 """
 
 from __future__ import annotations
@@ -97,11 +98,12 @@ def load_weights(detector: Detector, source: str) -> dict[str, Any]:
             a detkd checkpoint.
 
     Returns:
-        ``loaded``, ``reinitialised`` (class layers left at their initialisation) and ``skipped`` (model tensors
-        the file lacks, file tensors the model lacks), lists of names.
+        ``loaded``, ``reinitialised`` (class layers left at their initialisation) and ``skipped`` (file tensors
+        the model has no place for), lists of names.
 
     Raises:
-        BuildError: nothing matches, or a non-class layer has another shape (another architecture).
+        BuildError: the file lacks some of the model's tensors, or a layer other than the class layers has another
+            shape (another architecture).
     """
     name = detector.spec["name"]
     if source == "torchvision":
@@ -115,12 +117,15 @@ def load_weights(detector: Detector, source: str) -> dict[str, Any]:
     wrong = [k for k in common if tuple(own[k].shape) != tuple(mapped[k].shape)]
     reinit = [k for k in wrong if _is_class_layer(k)]
     other = [k for k in wrong if k not in reinit]
-    if not common or other:
-        what = (
-            f"{other[0]} is {tuple(mapped[other[0]].shape)} in the file and {tuple(own[other[0]].shape)} in the model"
-            if other
-            else "no tensor name matches"
-        )
+    missing = _counted([k for k in own if k not in mapped])
+    if not common or other or missing:
+        if not common:
+            what = "no tensor name matches"
+        elif other:
+            k = other[0]
+            what = f"{k} is {tuple(mapped[k].shape)} in the file and {tuple(own[k].shape)} in the model"
+        else:
+            what = f"the file lacks {len(missing)} of the model's tensors, first {missing[0]}"
         raise BuildError(
             f"{source}: these weights do not fit {name} with the {detector.spec.get('preset')} preset ({what}); "
             "whole-detector weights need the same architecture (torchvision's *_resnet50_fpn fit the standard "
@@ -129,11 +134,7 @@ def load_weights(detector: Detector, source: str) -> dict[str, Any]:
     loaded = [k for k in common if k not in reinit]
     detector.load_state_dict({k: mapped[k] for k in loaded}, strict=False)
 
-    def counted(keys: list[str]) -> list[str]:
-        return [k for k in keys if not k.endswith("num_batches_tracked")]
-
-    missing = counted([k for k in own if k not in mapped])
-    unused = counted([k for k in mapped if k not in own])
+    unused = _counted([k for k in mapped if k not in own])
     log.info("weights: %d tensors loaded into %s from %s (%s)", len(loaded), name, source, kind)
     if reinit:
         first = reinit[0]
@@ -144,15 +145,14 @@ def load_weights(detector: Detector, source: str) -> dict[str, Any]:
             own[first].shape[0],
             ", ".join(sorted({k.rsplit(".", 1)[0] for k in reinit})),
         )
-    if missing or unused:
-        log.info(
-            "weights: skipped %d model tensor(s) absent from the file%s and %d file tensor(s) the model lacks%s",
-            len(missing),
-            f" ({_names(missing)})" if missing else "",
-            len(unused),
-            f" ({_names(unused)})" if unused else "",
-        )
-    return {"loaded": loaded, "reinitialised": reinit, "skipped": missing + unused}
+    if unused:
+        log.info("weights: skipped %d file tensor(s) the model has no place for (%s)", len(unused), _names(unused))
+    return {"loaded": loaded, "reinitialised": reinit, "skipped": unused}
+
+
+def _counted(keys: list[str]) -> list[str]:
+    """Without BatchNorm's step counters, which frozen BatchNorm does not have and nothing reads."""
+    return [k for k in keys if not k.endswith("num_batches_tracked")]
 
 
 def _names(keys: list[str], shown: int = 3) -> str:
