@@ -53,7 +53,11 @@ def _setup_logging(verbose: bool) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of overrides (the defaults are in detkd/config.py)")
-    p.add_argument("--data", help="dataset folder (COCO, VOC or YOLO layout); sets data.root")
+    p.add_argument(
+        "--data",
+        help="dataset folder (COCO, VOC or YOLO layout); sets data.root. Its detkd.yaml, if any, applies under "
+        "--config and key=value",
+    )
     p.add_argument("--out", help="run folder (default runs/<name>)")
     p.add_argument("--iters", type=int, help="training steps; sets train.iters")
     p.add_argument("--batch-size", type=int, help="sets data.batch_size")
