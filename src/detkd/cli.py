@@ -57,7 +57,11 @@ def _setup_logging(verbose: bool) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of overrides (the defaults are in detkd/config.py)")
-    p.add_argument("--data", help="dataset folder (COCO, VOC or YOLO layout); sets data.root")
+    p.add_argument(
+        "--data",
+        help="dataset folder (COCO, VOC or YOLO layout); sets data.root. Its detkd.yaml, if any, applies under "
+        "--config and key=value",
+    )
     p.add_argument("--out", help="run folder (default runs/<name>)")
     p.add_argument("--iters", type=int, help="training steps; sets train.iters")
     p.add_argument("--batch-size", type=int, help="sets data.batch_size")
@@ -66,7 +70,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N; sets train.device")
     p.add_argument("--threads", type=int, help="CPU threads; sets train.threads (on a shared machine, 1 per run)")
     p.add_argument("--preset", choices=["slim", "standard"], help="detector preset; sets model.preset")
-    p.add_argument("--backbone-weights", help="none | imagenet | PATH; sets model.backbone_weights")
+    p.add_argument("--backbone-weights", help="imagenet (default) | none | PATH; sets model.backbone_weights")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument(
         "--overwrite",
@@ -84,6 +88,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace, extra: list[str]) -> Any:
+    """The run's config: defaults < the dataset's detkd.yaml < --config < options and key=value pairs."""
     from detkd.config import load_config
 
     pairs = list(extra)
@@ -97,6 +102,8 @@ def _resolve(args: argparse.Namespace, extra: list[str]) -> Any:
         "preset": "model.preset",
         "backbone_weights": "model.backbone_weights",
         "threads": "train.threads",
+        "weights": "model.weights",
+        "student_weights": "model.weights",
     }
     for attr, key in simple.items():
         value = getattr(args, attr, None)
@@ -107,7 +114,12 @@ def _resolve(args: argparse.Namespace, extra: list[str]) -> Any:
     base = None
     if args.resume and args.out and (Path(args.out) / "config.yaml").exists() and not args.config:
         base = load_config(Path(args.out) / "config.yaml")
-    return load_config(args.config, pairs + list(args.overrides), base=base)
+    layers: list[str] = []
+    # A resumed run's config.yaml already holds the dataset's settings.
+    pairs += list(args.overrides)
+    cfg = load_config(args.config, pairs, base=base, dataset_settings=base is None, layers=layers)
+    args.config_layers = layers
+    return cfg
 
 
 def torchrun_command(argv: list[str], processes: int) -> list[str]:
@@ -172,6 +184,9 @@ def _run(cfg: Any, args: argparse.Namespace, default_out: str) -> int:
     if args.print_config:
         import yaml
 
+        layers = getattr(args, "config_layers", None)
+        if layers:
+            print(f"# layers, lowest first: {' < '.join(layers)}")
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     code = _relaunch(args)
@@ -337,6 +352,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         for name in BACKBONES.names():
             print(name)
+        print("timm:<model>  any timm model with features_only (pip install 'detkd[timm]'), e.g. frcnn_timm:resnet18")
     return 0
 
 
@@ -385,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
         "last.pt (resumable), best.pt and student.pt into the run folder.",
     )
     p.add_argument("--model", help="detector <family>_<backbone>, e.g. frcnn_r50 (see `detkd list detectors`)")
+    p.add_argument(
+        "--weights",
+        help="whole-detector weights: torchvision (COCO) | a torchvision state dict | a detkd checkpoint; "
+        "sets model.weights",
+    )
     _add_run_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -396,8 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
         "distill.options.<method>.<field>=value; weights: distill.weights.<method>=w.",
     )
     p.add_argument("--method", help="method(s), e.g. tar or gkd+fitnet (see `detkd list methods`)")
-    p.add_argument("--teacher", help="teacher checkpoint (best.pt/student.pt of a run), or none")
+    p.add_argument(
+        "--teacher",
+        help="teacher checkpoint (best.pt/student.pt of a run), or none; a torchvision state dict is first "
+        "fine-tuned with `detkd train --weights FILE`",
+    )
     p.add_argument("--student", help="student detector, e.g. frcnn_r18")
+    p.add_argument(
+        "--student-weights",
+        help="the student's starting weights: torchvision (COCO) | a torchvision state dict | a detkd checkpoint "
+        "(e.g. a converged baseline); sets model.weights",
+    )
     _add_run_args(p)
     p.set_defaults(func=cmd_distill)
 

@@ -2,6 +2,8 @@
 
 Unknown keys are errors. There are no base-file chains and no interpolation: what a run used is the
 dataclass defaults plus the overrides, and the resolved result is saved as ``config.yaml`` in the run folder.
+The command line applies, lowest first: the defaults, the dataset folder's ``detkd.yaml`` (if any), the
+``--config`` file, then options and ``key=value`` pairs.
 """
 
 from __future__ import annotations
@@ -39,11 +41,16 @@ class DataConfig:
 class ModelConfig:
     """Which detector to build."""
 
-    name: str = "frcnn_r18"  # <family>_<backbone>, see `detkd list detectors`
-    preset: Literal["slim", "standard"] = "slim"
-    backbone_weights: str = "none"  # none | imagenet | path to a state-dict file
-    min_size: int = 128  # images are resized so the short side is min_size ...
-    max_size: int = 128  # ... and the long side at most max_size
+    name: str = "frcnn_r18"  # <family>_<backbone>, see `detkd list detectors`; timm: frcnn_timm:resnet18
+    # The defaults are torchvision's for real data; `detkd data digits` writes the digits' own settings
+    # (slim, 128 px, no pretrained backbone) into the dataset folder (DATASET_SETTINGS), read under --config.
+    preset: Literal["slim", "standard"] = "standard"
+    backbone_weights: str = "imagenet"  # imagenet | none | path to a backbone state-dict file
+    # Whole detector: none | torchvision (COCO) | a torchvision state dict or detkd checkpoint; when set, it replaces
+    # backbone_weights, and BatchNorm is frozen as for a pretrained backbone.
+    weights: str = "none"
+    min_size: int = 800  # images are resized so the short side is min_size ...
+    max_size: int = 1333  # ... and the long side at most max_size
     fpn_channels: int | None = None  # override the preset's FPN / transformer width
     binary_neck: bool = False  # 1-bit FPN and RPN convs (with a binary backbone such as bireal18)
 
@@ -104,6 +111,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# A dataset folder may carry the settings it was made for (``detkd data digits`` writes them): a YAML file of
+# overrides applied under the user's --config and key=value pairs.
+DATASET_SETTINGS = "detkd.yaml"
 
 
 def _type_name(tp: Any) -> str:
@@ -311,14 +323,47 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: Config | None = None,
+    *,
+    dataset_settings: bool = False,
+    layers: list[str] | None = None,
 ) -> Config:
-    """Defaults (or ``base``), then the YAML file, then the dotted overrides."""
-    data = to_dict(base or Config())
+    """Defaults (or ``base``), then the YAML file, then the dotted overrides.
+
+    Args:
+        path: YAML file of overrides.
+        overrides: ``key=value`` pairs, applied last.
+        base: start from this config instead of the defaults.
+        dataset_settings: between the defaults and the YAML file, apply the dataset's own settings file
+            (``<data.root>/detkd.yaml``, see :data:`DATASET_SETTINGS`) when there is one; ``data.root`` is read
+            from the file and overrides.
+        layers: if given, receives the names of the layers applied, lowest first (for ``--print-config``).
+    """
+    upper: dict[str, Any] = {}
+    names = ["base config" if base is not None else "defaults"]
     if path is not None:
-        data = _merge(data, read_yaml(path))
-    if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        upper = _merge(upper, read_yaml(path))
+    pairs = parse_overrides(overrides) if overrides else {}
+    data = to_dict(base or Config())
+    if dataset_settings:
+        root = _merge(_merge(data, upper), pairs)["data"]["root"]
+        settings = Path(str(root)) / DATASET_SETTINGS
+        if settings.is_file():
+            dataset = read_yaml(settings)
+            if "data" in dataset and isinstance(dataset["data"], dict) and "root" in dataset["data"]:
+                raise ConfigError(f"{settings}: a dataset's settings cannot set data.root")
+            data = _merge(data, dataset)
+            names.append(str(settings))
+    if path is not None:
+        data = _merge(data, upper)
+        names.append(str(path))
+    if pairs:
+        data = _merge(data, pairs)
+        names.append("command line")
+    if layers is not None:
+        layers[:] = names
     return from_dict(Config, data)
 
 

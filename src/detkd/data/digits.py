@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from detkd.config import from_dict
+from detkd.config import DATASET_SETTINGS, from_dict
 from detkd.errors import ConfigError
 
 DIGITS_DIFFICULTIES = ("easy", "hard")
@@ -436,7 +436,7 @@ def make_digits(
 ) -> dict[str, Any]:
     """Write the digits dataset to ``out`` in COCO layout.
 
-    Files: ``out/{train,val}/NNNNNN.png`` and ``out/annotations/instances_{train,val}.json`` with
+    Files: ``out/{train,val}/NNNNNN.png``, ``out/annotations/instances_{train,val}.json`` and ``out/detkd.yaml`` with
     categories 1..10 named ``"0"``..``"9"`` (category id = digit + 1). Each annotation also records the
     index of its source digit (``digit_source``).
 
@@ -450,8 +450,9 @@ def make_digits(
         **overrides: :class:`DigitsSpec` fields to change from the preset.
 
     Returns:
-        A summary: ``path``, ``difficulty``, ``seed``, ``size``, and per split the numbers of ``images``,
-        ``annotations`` and ``sources`` (source digits available to the split).
+        A summary: ``path``, ``difficulty``, ``seed``, ``size``, per split the numbers of ``images``,
+        ``annotations`` and ``sources`` (source digits available to the split), and ``settings`` (the file of
+        model settings the dataset was made for, see :func:`digits_settings`).
 
     Raises:
         ConfigError: unknown difficulty or override, a value out of range, or digits larger than the image.
@@ -472,7 +473,26 @@ def make_digits(
             )
         while pending:
             pending.popleft().result()
+    write_settings(out, size)
+    summary["settings"] = str(out / DATASET_SETTINGS)
     return summary
+
+
+def digits_settings(size: int = 128) -> dict[str, Any]:
+    """The model settings the digits were made for: the slim preset at the images' own size, no pretrained
+    backbone (the defaults are torchvision's, for real photographs)."""
+    return {"model": {"preset": "slim", "backbone_weights": "none", "min_size": size, "max_size": size}}
+
+
+def write_settings(out: Path, size: int) -> None:
+    """``out/detkd.yaml``: :func:`digits_settings`, which ``detkd train``/``distill`` apply under ``--config``."""
+    import yaml
+
+    header = (
+        "# Settings this dataset was made for, written by `detkd data digits`. detkd train and distill apply them\n"
+        "# above the defaults and below --config and key=value overrides.\n"
+    )
+    (out / DATASET_SETTINGS).write_text(header + yaml.safe_dump(digits_settings(size), sort_keys=False))
 
 
 def _save_png(pixels: np.ndarray, path: Path) -> None:

@@ -317,6 +317,36 @@ def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(row[k] for row in rows if k in row) / sum(k in row for row in rows) for k in keys}
 
 
+# A distillation term this many times the detection loss at the first step drowns the task: the student learns to
+# imitate before it learns to detect (measured: fitnet/tar feature terms at their default weights on real data).
+LOSS_BALANCE_LIMIT = 100.0
+
+
+def loss_balance_warning(record: dict[str, float], limit: float = LOSS_BALANCE_LIMIT) -> str | None:
+    """A warning naming each weighted ``<method>.kd_*`` term that is ``limit`` times the detection loss or more.
+
+    Args:
+        record: one step's weighted losses (``loss_*`` task terms, ``<method>.kd_*`` distillation terms).
+        limit: the ratio from which to warn.
+    """
+    detection = sum(v for k, v in record.items() if k.startswith("loss_") and math.isfinite(v))
+    if detection <= 0:
+        return None
+    large = {}
+    for key, value in record.items():
+        method, _, term = key.partition(".")
+        if term.startswith("kd_") and math.isfinite(value) and value >= limit * detection:
+            large[key] = (method, value / detection)
+    if not large:
+        return None
+    parts = [f"{key} is {ratio:.0f}x" for key, (_, ratio) in large.items()]
+    fixes = sorted({f"distill.weights.{method}" for method, _ in large.values()})
+    return (
+        f"distillation term {', '.join(parts)} the detection loss ({detection:.3g}) at the first step and will drown "
+        f"it; lower {' / '.join(fixes)} about as many times (or distill.options.<method>.term_weights.<term>)"
+    )
+
+
 class Logger(Hook):
     """Averages the step records over ``every`` steps into ``log.jsonl`` (+ TensorBoard); shows progress.
 
@@ -341,6 +371,7 @@ class Logger(Hook):
         self.progress = None
         self.task = None
         self.start = 0.0
+        self.balance_checked = False
 
     def before_train(self, trainer: Trainer) -> None:
         if not self.enabled:
@@ -377,6 +408,11 @@ class Logger(Hook):
             self.step_times.append(trainer.step_time)
             for key, value in trainer.record.items():
                 self.window[key].append(value)
+            if not self.balance_checked and self.enabled:
+                self.balance_checked = True
+                warning = loss_balance_warning(trainer.record)
+                if warning:
+                    log.warning(warning)
         if trainer.iter % self.every == 0 or trainer.iter == trainer.max_iters:
             row = {k: sum(v) / len(v) for k, v in self.window.items() if v}
             if "skipped" in self.window:

@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -194,6 +195,54 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS reports bytes, Linux KiB
 
 
+def describe_model(cfg: Config) -> str:
+    """The first log line of a run: what is trained, at what input size, from which weights."""
+    m = cfg.model
+    weights = f"detector weights {m.weights}" if m.weights != "none" else f"backbone weights {m.backbone_weights}"
+    return f"model {m.name}: preset {m.preset}, input short side {m.min_size} px (long side <= {m.max_size}), {weights}"
+
+
+def input_size_warning(dataset: Any, min_size: int) -> str | None:
+    """A warning when the network input is less than half the median short side of the training images: the
+    detector then sees shrunken images (a default meant for other data, or a forgotten model.min_size)."""
+    records = dataset.records
+    if len(records) == 0:
+        return None
+    sides = np.sort(np.minimum(records.widths, records.heights))
+    median = int(sides[len(sides) // 2])
+    if min_size * 2 >= median:
+        return None
+    return (
+        f"the input short side (model.min_size={min_size}) is under half the training images' median short side "
+        f"({median} px): the detector sees shrunken images; set model.min_size/model.max_size if that is not meant"
+    )
+
+
+def teacher_input_warning(teacher: Detector, student: Detector) -> str | None:
+    """A warning when the teacher was trained at another input size or normalisation than the student's, which
+    it now sees: both share the student's preprocessed batch."""
+    diffs = []
+    t_spec, s_spec = teacher.spec, student.spec
+    for key in ("min_size", "max_size"):
+        if t_spec.get(key) != s_spec.get(key):
+            diffs.append(f"{key} {t_spec.get(key)} vs {s_spec.get(key)}")
+    t_tf, s_tf = getattr(teacher, "transform", None), getattr(student, "transform", None)
+    for key in ("image_mean", "image_std"):
+        t_val, s_val = getattr(t_tf, key, None), getattr(s_tf, key, None)
+        if (
+            t_val is not None
+            and s_val is not None
+            and [round(float(v), 4) for v in t_val] != [round(float(v), 4) for v in s_val]
+        ):
+            diffs.append(f"{key} {list(t_val)} vs {list(s_val)}")
+    if not diffs:
+        return None
+    return (
+        f"the teacher was trained with other inputs than the student's, which it is now fed (teacher vs student: "
+        f"{'; '.join(diffs)}); set the student's model.min_size/model.max_size to the teacher's unless meant"
+    )
+
+
 @dataclass
 class Process:
     """This process's place in the job: its device and its rank among ``world`` processes."""
@@ -256,16 +305,27 @@ def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) ->
             f"{cfg.data.root}: split {cfg.data.train_split!r} has no boxes to train on ({len(train_set)} images, "
             "none with a usable annotation)"
         )
+    if process.main:
+        log.info(describe_model(cfg))
+        small = input_size_warning(train_set, cfg.model.min_size)
+        if small:
+            log.warning(small)
     student = build_detector(
         cfg.model.name,
         len(classes),
         preset=cfg.model.preset,
-        backbone_weights=cfg.model.backbone_weights,
+        # Whole-detector weights bring their own backbone: no ImageNet file to find (or fetch) first.
+        backbone_weights=cfg.model.backbone_weights if cfg.model.weights == "none" else "none",
         min_size=cfg.model.min_size,
         max_size=cfg.model.max_size,
         fpn_channels=cfg.model.fpn_channels,
         binary_neck=cfg.model.binary_neck,
+        frozen_bn=cfg.model.backbone_weights != "none" or cfg.model.weights != "none",
     )
+    if cfg.model.weights != "none" and not resume:  # a resumed run restores its own weights below
+        from detkd.engine.weights import load_weights
+
+        load_weights(student, cfg.model.weights)
     teacher = None
     teacher_metrics = None
     if cfg.distill.teacher:
@@ -275,6 +335,9 @@ def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) ->
                 f"{cfg.distill.teacher}: the teacher was trained on classes {t_ckpt.get('classes')}, "
                 f"the data has {classes}"
             )
+        mismatch = teacher_input_warning(teacher, student)
+        if mismatch and process.main:
+            log.warning(mismatch)
         teacher.to(process.device)
         if cfg.distill.check_teacher > 0 and not resume and process.main:
             teacher_metrics = check_teacher(teacher, val_set, cfg.distill.check_teacher, cfg.data.batch_size)

@@ -3,6 +3,10 @@
 ImageNet weights are loaded from a local file when the user has one (``backbone_weights: imagenet`` looks in
 torch's hub cache, ``backbone_weights: PATH`` reads that file); nothing is downloaded unless the cache is empty
 and a network is reachable.
+
+Besides the registered torchvision bodies (``r18`` ... ``mbv3``), any timm model that supports ``features_only``
+is a backbone under the name ``timm:<model>`` (the optional ``timm`` extra): its ``feature_info`` says which
+outputs sit at strides 4, 8, 16 and 32 and how many channels each has.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,6 +82,70 @@ def _mobilenet_v3(frozen_bn: bool) -> Body:
     )
 
 
+TIMM_PREFIX = "timm:"
+
+
+def get_backbone(name: str) -> Callable[..., Body]:
+    """The builder of a registered backbone, or of ``timm:<model>``."""
+    if name.startswith(TIMM_PREFIX):
+        return partial(_timm_body, name[len(TIMM_PREFIX) :])
+    return BACKBONES.get(name)
+
+
+def is_backbone(name: str) -> bool:
+    return name in BACKBONES or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX))
+
+
+class _TimmStages(nn.Module):
+    """A timm ``features_only`` model whose outputs at strides 4, 8, 16 and 32 are named ``c2..c5``."""
+
+    def __init__(self, net: nn.Module, picks: list[int]):
+        super().__init__()
+        self.net = net
+        self.picks = picks  # output index of each stage
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        outputs = self.net(x)
+        return OrderedDict((stage, outputs[i]) for stage, i in zip(STAGE_STRIDES, self.picks))
+
+
+def _import_timm():
+    try:
+        import timm
+    except ModuleNotFoundError:
+        raise BuildError("timm backbones need the timm package: pip install 'detkd[timm]'") from None
+    return timm
+
+
+def _timm_body(model: str, frozen_bn: bool, pretrained: bool = False) -> Body:
+    timm = _import_timm()
+    try:
+        net = timm.create_model(model, pretrained=pretrained, features_only=True)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise BuildError(f"timm:{model}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001  (no network, no published weights, no features_only support)
+        what = "ImageNet weights could not be fetched" if pretrained else "cannot be built with features_only"
+        raise BuildError(
+            f"timm:{model}: {what} ({type(exc).__name__}); pass model.backbone_weights=PATH (a timm state dict) "
+            "or model.backbone_weights=none"
+        ) from None
+    reductions = net.feature_info.reduction()
+    # The last output at each stride: the deepest features of that resolution, as torchvision's layer1..layer4.
+    picks = []
+    for stride in STAGE_STRIDES.values():
+        found = [i for i, r in enumerate(reductions) if r == stride]
+        if not found:
+            raise BuildError(
+                f"timm:{model} has no feature map at stride {stride} (its strides: {reductions}); the FPN needs "
+                "outputs at strides 4, 8, 16 and 32"
+            )
+        picks.append(found[-1])
+    channels = dict(zip(STAGE_STRIDES, (net.feature_info.channels()[i] for i in picks)))
+    if frozen_bn:
+        net = timm.layers.freeze_batch_norm_2d(net)
+    return Body(_TimmStages(net, picks), channels, None, net)
+
+
 def imagenet_file(weights: object) -> Path:
     """Where torch's hub cache keeps the file of a torchvision ``WeightsEnum`` member."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
@@ -88,7 +157,10 @@ def load_backbone_weights(body: Body, source: str) -> None:
         raise BuildError("this backbone has no ImageNet weights to load")
     if source == "imagenet":
         if body.imagenet_weights is None:
-            raise BuildError("this backbone has no published ImageNet weights; pass a file path instead")
+            raise BuildError(
+                "this backbone has no published ImageNet weights; pass model.backbone_weights=PATH or "
+                "model.backbone_weights=none"
+            )
         path = imagenet_file(body.imagenet_weights)
         if not path.exists():
             try:
@@ -96,7 +168,8 @@ def load_backbone_weights(body: Body, source: str) -> None:
             except Exception as exc:
                 raise BuildError(
                     f"ImageNet weights not found at {path} and could not be downloaded ({type(exc).__name__}); "
-                    f"place {body.imagenet_weights.url} there, or pass backbone_weights=PATH"
+                    f"place {body.imagenet_weights.url} there, or pass model.backbone_weights=PATH "
+                    "(or model.backbone_weights=none to train the backbone from scratch)"
                 ) from None
     else:
         path = Path(source)

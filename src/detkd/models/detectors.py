@@ -1,7 +1,8 @@
 """Detector registry and builder.
 
 A detector name is ``<family>_<backbone>``: ``frcnn_r50``, ``retinanet_r18``, ``fcos_mbv3``,
-``frcnn_bireal18``... Presets size the parts that do not depend on the backbone:
+``frcnn_bireal18``..., and for Faster R-CNN, RetinaNet and FCOS any timm model as ``<family>_timm:<model>``
+(``frcnn_timm:resnet18``, ``retinanet_timm:convnext_tiny``). Presets size the parts that do not depend on the backbone:
 
 - ``slim``: narrow FPN (64 channels), small RoI head (256-d, 128 sampled RoIs), few proposals, anchors sized for
   small inputs (up to about 320 px), GroupNorm in the RetinaNet head (as in RetinaNet v2). Practical on a 2-core
@@ -15,7 +16,15 @@ from collections.abc import Callable
 from typing import Any
 
 from detkd.errors import BuildError, ConfigError
-from detkd.models.backbones import BACKBONES, FPNBackbone, freeze_stages, load_backbone_weights
+from detkd.models.backbones import (
+    BACKBONES,
+    TIMM_PREFIX,
+    FPNBackbone,
+    freeze_stages,
+    get_backbone,
+    is_backbone,
+    load_backbone_weights,
+)
 from detkd.models.binary import binarize_neck, bireal18
 from detkd.models.detr import DETR_FAMILIES
 from detkd.models.outputs import Detector
@@ -60,10 +69,14 @@ FAMILIES: Registry[Callable[..., Detector]] = Registry("detector family")
 
 def _fpn_family(levels: tuple[str, ...], build: Callable[..., Detector], anchor_key: str) -> Callable[..., Detector]:
     def family(backbone: str, num_classes: int, preset: dict, spec: dict, backbone_weights: str) -> Detector:
-        pretrained = backbone_weights != "none"
-        body = BACKBONES.get(backbone)(frozen_bn=pretrained)
-        if pretrained:
-            load_backbone_weights(body, backbone_weights)
+        frozen = bool(spec.get("frozen_bn"))
+        if backbone.startswith(TIMM_PREFIX) and backbone_weights == "imagenet":
+            body = get_backbone(backbone)(frozen_bn=frozen, pretrained=True)  # timm fetches its own weights
+        else:
+            body = get_backbone(backbone)(frozen_bn=frozen)
+            if backbone_weights != "none":
+                load_backbone_weights(body, backbone_weights)
+        if frozen:
             freeze_stages(body, trainable=3)
         fpn = FPNBackbone(body, levels, preset["fpn_channels"])
         detector = build(fpn, num_classes, dict(preset, anchor_scale=preset[anchor_key]), spec)
@@ -71,6 +84,7 @@ def _fpn_family(levels: tuple[str, ...], build: Callable[..., Detector], anchor_
             binarize_neck(detector)
         return detector
 
+    family.timm = True
     return family
 
 
@@ -104,6 +118,12 @@ def _compatible_backbones(family: str) -> set[str]:
     return set(compatible) if compatible is not None else set(BACKBONES.names())
 
 
+def _supports(family: str, backbone: str) -> bool:
+    if backbone.startswith(TIMM_PREFIX):
+        return getattr(FAMILIES.get(family), "timm", False)
+    return backbone in _compatible_backbones(family)
+
+
 def build_detector(
     name: str,
     num_classes: int,
@@ -114,6 +134,7 @@ def build_detector(
     max_size: int = 128,
     fpn_channels: int | None = None,
     binary_neck: bool = False,
+    frozen_bn: bool | None = None,
 ) -> Detector:
     """Build a detector by name.
 
@@ -126,11 +147,17 @@ def build_detector(
         max_size: maximum long side of the network input.
         fpn_channels: override of the preset's FPN (or transformer) width.
         binary_neck: 1-bit FPN convs and RPN conv (IDa-Det's student); see ``detkd.models.binary``.
+        frozen_bn: frozen BatchNorm statistics and stem/first stage (torchvision's convention for a pretrained
+            backbone); None = when ``backbone_weights`` is not ``none``. Recorded in the spec, so that a checkpoint
+            rebuilds with the same layers.
     """
     family, backbone = split_name(name)
-    if backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {backbone!r} in detector {name!r}; known: {', '.join(BACKBONES.names())}")
-    if backbone not in _compatible_backbones(family):
+    if not is_backbone(backbone):
+        raise ConfigError(
+            f"unknown backbone {backbone!r} in detector {name!r}; known: {', '.join(BACKBONES.names())}, "
+            f"{TIMM_PREFIX}<model>"
+        )
+    if not _supports(family, backbone):
         raise BuildError(f"detector family {family!r} does not support backbone {backbone!r}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -149,6 +176,8 @@ def build_detector(
     )
     if binary_neck:
         spec["binary_neck"] = True
+    if frozen_bn if frozen_bn is not None else backbone_weights != "none":
+        spec["frozen_bn"] = True
     model = FAMILIES.get(family)(backbone, num_classes, settings, spec, backbone_weights)
     model.name = name
     return model

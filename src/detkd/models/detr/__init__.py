@@ -58,10 +58,11 @@ def _sizes(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
 def _family(variant: str, box_refine: bool = False) -> Callable[..., DETRDetector]:
     def family(backbone: str, num_classes: int, preset: dict, spec: dict, backbone_weights: str) -> DETRDetector:
         sizes = _sizes(variant, spec)
-        pretrained = backbone_weights != "none"
-        body = BACKBONES.get(backbone)(frozen_bn=pretrained)
-        if pretrained:
+        frozen = bool(spec.get("frozen_bn"))
+        body = BACKBONES.get(backbone)(frozen_bn=frozen)
+        if backbone_weights != "none":
             load_backbone_weights(body, backbone_weights)
+        if frozen:
             freeze_stages(body, trainable=3)
         if variant == "deformable":
             stages, extra = ("c3", "c4", "c5"), 1

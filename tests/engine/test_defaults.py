@@ -1,0 +1,147 @@
+"""Defaults for real data, the digits' settings travelling with the dataset, and the run's warnings."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from detkd.cli import main
+from detkd.config import DATASET_SETTINGS, Config, load_config
+from detkd.data import make_digits
+from detkd.engine.hooks import loss_balance_warning
+from detkd.engine.launch import describe_model, input_size_warning, teacher_input_warning
+from detkd.errors import ConfigError
+from tests.conftest import tiny
+
+
+def test_defaults_are_torchvisions():
+    model = Config().model
+    assert (model.preset, model.min_size, model.max_size) == ("standard", 800, 1333)
+    assert (model.backbone_weights, model.weights) == ("imagenet", "none")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("defaults") / "digits"
+    summary = make_digits(root, train=4, val=2, size=64)
+    return root, summary
+
+
+def test_digits_write_their_settings(digits):
+    root, summary = digits
+    assert summary["settings"] == str(root / DATASET_SETTINGS)
+    settings = yaml.safe_load((root / DATASET_SETTINGS).read_text())
+    assert settings == {"model": {"preset": "slim", "backbone_weights": "none", "min_size": 64, "max_size": 64}}
+
+
+def test_dataset_settings_sit_between_defaults_and_the_users_layers(digits, tmp_path):
+    root, _ = digits
+    layers: list[str] = []
+    cfg = load_config(overrides=[f"data.root={root}"], dataset_settings=True, layers=layers)
+    assert (cfg.model.preset, cfg.model.min_size, cfg.model.backbone_weights) == ("slim", 64, "none")
+    assert layers == ["defaults", str(root / DATASET_SETTINGS), "command line"]
+    user = tmp_path / "user.yaml"
+    user.write_text(f"data: {{root: {root}}}\nmodel: {{preset: standard, min_size: 96}}\n")
+    cfg = load_config(user, ["model.min_size=80"], dataset_settings=True, layers=layers)
+    assert (cfg.model.preset, cfg.model.min_size, cfg.model.max_size) == ("standard", 80, 64)
+    assert layers == ["defaults", str(root / DATASET_SETTINGS), str(user), "command line"]
+    # Without the flag (the library's load_config), a dataset's file is never read.
+    assert load_config(overrides=[f"data.root={root}"]).model.preset == "standard"
+
+
+def test_dataset_settings_cannot_move_the_dataset(tmp_path):
+    (tmp_path / DATASET_SETTINGS).write_text("data: {root: elsewhere}\n")
+    with pytest.raises(ConfigError, match="cannot set data.root"):
+        load_config(overrides=[f"data.root={tmp_path}"], dataset_settings=True)
+
+
+def test_print_config_names_the_layers(digits, capsys):
+    root, _ = digits
+    assert main(["train", "--data", str(root), "--weights", "w.pt", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert f"# layers, lowest first: defaults < {root / DATASET_SETTINGS} < command line" in out
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["preset"] == "slim" and cfg["model"]["weights"] == "w.pt"
+    argv = ["distill", "--method", "kd", "--teacher", "none", "--data", str(root), "--student-weights", "b.pt"]
+    assert main([*argv, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["weights"] == "b.pt"
+
+
+def test_first_log_line_states_size_preset_and_weights():
+    cfg = load_config(overrides=["model.weights=runs/base/best.pt"])
+    line = describe_model(cfg)
+    for part in ("frcnn_r18", "preset standard", "800 px", "1333", "detector weights runs/base/best.pt"):
+        assert part in line
+    assert describe_model(load_config()).endswith("backbone weights imagenet")
+
+
+def records(*sides):
+    return SimpleNamespace(records=[SimpleNamespace(width=w, height=h) for w, h in sides])
+
+
+def test_input_size_warning():
+    photos = records((640, 480), (500, 375), (1024, 768))
+    warning = input_size_warning(photos, 128)
+    assert "model.min_size=128" in warning and "480 px" in warning
+    assert input_size_warning(photos, 240) is None  # half of the median short side: fine
+    assert input_size_warning(records((128, 128)), 128) is None
+    assert input_size_warning(records(), 128) is None
+
+
+def test_teacher_input_warning():
+    student = tiny("frcnn_r18", fpn_channels=16)
+    assert teacher_input_warning(tiny("frcnn_r34", fpn_channels=16), student) is None
+    from detkd.models import build_detector
+
+    big = build_detector("frcnn_r18", 3, min_size=96, max_size=128, fpn_channels=16)
+    big.transform.image_std = [0.5, 0.5, 0.5]
+    warning = teacher_input_warning(big, student)
+    assert "min_size 96 vs 64" in warning and "max_size 128 vs 64" in warning and "image_std" in warning
+    assert "\n" not in warning
+
+
+def test_loss_balance_warning_names_the_weight():
+    record = {"loss_cls": 0.5, "loss_box": 0.5, "fitnet.kd_feat": 500.0, "kd.kd_cls": 2.0, "raw.fitnet.kd_feat": 5e4}
+    warning = loss_balance_warning(record)
+    assert "fitnet.kd_feat is 500x" in warning and "distill.weights.fitnet" in warning
+    assert "kd.kd_cls" not in warning
+    assert loss_balance_warning({"loss_cls": 1.0, "fitnet.kd_feat": 99.0}) is None
+    assert loss_balance_warning({"fitnet.kd_feat": 5.0}) is None  # no detection loss to compare with
+
+
+def test_weights_flag_runs_end_to_end(digits, tmp_path, capsys):
+    """`detkd train --weights CKPT` loads the checkpoint, says so, and its own student.pt rebuilds (frozen BN)."""
+    from detkd.engine.checkpoint import load_detector, save_student
+
+    root, _ = digits
+    source = tiny("frcnn_r18", num_classes=10, fpn_channels=16)
+    save_student(tmp_path / "base.pt", source, [str(d) for d in range(10)])
+    fast = ["--no-progress", "--device", "cpu", "model.fpn_channels=16", "data.batch_size=2", "data.val_max_images=1"]
+    argv = ["train", "--data", str(root), "--out", str(tmp_path / "run"), "--iters", "1", "--weights"]
+    assert main([*argv, str(tmp_path / "base.pt"), *fast, "train.tensorboard=false"]) == 0
+    captured = capsys.readouterr()
+    text = " ".join((captured.out + captured.err).split())  # the log handler wraps lines at the terminal width
+    assert "model frcnn_r18: preset slim, input short side 64 px" in text
+    assert "tensors loaded into frcnn_r18" in text and "(detkd checkpoint)" in text
+    rebuilt, ckpt = load_detector(tmp_path / "run" / "student.pt")
+    assert ckpt["spec"]["frozen_bn"] is True
+
+
+def test_default_imagenet_backbone_offline_says_which_option_to_pass(digits, tmp_path, monkeypatch, capsys):
+    """A user's data with the defaults, no cached ImageNet file, no network: one line naming the options."""
+    import shutil
+
+    import torch
+
+    user = tmp_path / "user_data"
+    shutil.copytree(digits[0], user)
+    (user / DATASET_SETTINGS).unlink()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    argv = ["train", "--data", str(user), "--out", str(tmp_path / "run"), "--iters", "1", "--no-progress"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.backbone_weights=PATH" in err[0] and "model.backbone_weights=none" in err[0]
+    assert not (tmp_path / "run").exists()
