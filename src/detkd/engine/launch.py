@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from detkd.calibration import LossCalibration
 from detkd.config import Config, OptimConfig, save_config, to_dict
 from detkd.distill import DistillModel, build_distillers
 from detkd.engine.checkpoint import load_detector, load_state_checked, read_checkpoint
@@ -158,6 +159,18 @@ def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimi
     raise ConfigError(f"optim.name must be sgd or adamw, got {cfg.name!r}")
 
 
+def build_calibration(cfg: Config) -> LossCalibration | None:
+    """The loss calibration ``distill.calibrate`` asks for (None when off); checks it fits the run."""
+    if cfg.distill.calibrate == "off":
+        return None
+    if cfg.distill.calibrate_iters >= cfg.train.iters:
+        raise ConfigError(
+            f"distill.calibrate_iters ({cfg.distill.calibrate_iters}) must be smaller than train.iters "
+            f"({cfg.train.iters}): the distillation terms are not applied while they are measured"
+        )
+    return LossCalibration(cfg.distill.calibrate_iters, cfg.distill.calibrate_share, cfg.distill.calibrate_exclude)
+
+
 def check_teacher(teacher: Detector, dataset: Any, images: int, batch_size: int) -> dict[str, Any]:
     """Evaluate the teacher on a few val images; a teacher at mAP@0.5 = 0 means the wrong weights loaded."""
     from detkd.engine.evaluate import run_evaluation
@@ -265,7 +278,10 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
             )
     distillers = build_distillers(cfg.distill.methods, cfg.distill.options, student, teacher)
     iters_per_epoch = max(1, math.ceil(len(train_set) / (cfg.data.batch_size * world)))
-    model = DistillModel(student, teacher, distillers, cfg.distill.weights, cfg.train.iters, iters_per_epoch)
+    calibration = build_calibration(cfg) if distillers else None
+    model = DistillModel(
+        student, teacher, distillers, cfg.distill.weights, cfg.train.iters, iters_per_epoch, calibration
+    )
     model.to(device)
     optimizer = build_optimizer(cfg.optim, model)
 
@@ -282,6 +298,10 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
             raise CheckpointError(f"{last}: optimiser state does not fit this run ({exc})") from None
         start_iter = int(ckpt["iter"])
         trainer_state = ckpt
+        if calibration is not None:
+            if "calibration" not in ckpt:
+                raise CheckpointError(f"{last}: the run was started without distill.calibrate=auto")
+            calibration.load_state_dict(ckpt["calibration"])
         if start_iter >= cfg.train.iters:
             log.info("%s already finished (%d/%d steps)", out, start_iter, cfg.train.iters)
 
@@ -376,6 +396,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         "teacher_check": teacher_metrics,
         "kd_active": trainer.state.get("kd_active"),
         "kd_per_rank": trainer.state.get("kd_per_rank"),
+        "calibration": calibration.summary() if calibration is not None else None,
         "student_params": sum(p.numel() for p in student.parameters()),
         "machine": {
             "device": str(device),
