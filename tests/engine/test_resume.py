@@ -143,10 +143,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
 
 @pytest.fixture(scope="module")
 def calibrated_pair(tmp_path_factory):
-    from tests.test_calibration import make_pair
-
     from detkd.cli import main
-    from tests.test_calibration import distill_args
+    from tests.test_calibration import distill_args, make_pair
 
     root = make_pair(tmp_path_factory.mktemp("calibrated_resume"))
     assert main(distill_args(root, root / "full")) == 0  # the uninterrupted reference
