@@ -320,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: Any) -> None:
-    """Commands whose modules register their own parsers (export, bench, report)."""
-    for module in ("detkd.export", "detkd.bench", "detkd.report"):
+    """Commands whose modules register their own parsers (pretrain, export, bench, report)."""
+    for module in ("detkd.pretrain", "detkd.export", "detkd.bench", "detkd.report"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as exc:
