@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a student with distillation",
         epilog=EPILOG_OVERRIDES,
         description="Train a student detector with one or more distillation methods. Method settings: "
-        "distill.options.<method>.<field>=value; weights: distill.weights.<method>=w.",
+        "distill.options.<method>.<field>=value; weights: distill.weights.<method>=w, or distill.calibrate=auto "
+        "to measure each term's scale against the detection loss over the first steps.",
     )
     p.add_argument("--method", help="method(s), e.g. tar or gkd+fitnet (see `detkd list methods`)")
     p.add_argument("--teacher", help="teacher checkpoint (best.pt/student.pt of a run), or none")

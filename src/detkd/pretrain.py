@@ -72,10 +72,11 @@ class PretrainConfig:
     format: str = "auto"
     train_split: str = "train"
     val_split: str = "val"
+    val_max_images: int | None = None  # measure top-1 on the crops of the first N val images only
     iters: int = 2000
     crop_size: int = 64
     batch_size: int = 64
-    lr: float | None = None  # None: 0.05 for sgd, 1e-3 for adamw
+    lr: float | None = None  # None: 0.1 * batch_size / 256 for sgd (linear scaling), 1e-3 for adamw
     optimizer: str | None = None  # None: sgd, adamw for bireal18
     weight_decay: float = 1e-4  # sgd; bireal18 follows ReActNet (1e-5 then 0)
     step1: str = "reactnet"  # bireal18 only: reactnet | real
@@ -288,7 +289,7 @@ def _train_steps(
         losses.append(float(loss.detach()))
         if progress is not None:
             progress.update(progress.task_ids[0], advance=1, info=f"loss {np.mean(losses[-50:]):.3f}")
-        elif (done + step + 1) % 100 == 0:
+        elif (step + 1) % max(1, steps // 10) == 0:
             log.info("pretrain step %d: loss %.3f", done + step + 1, np.mean(losses[-50:]))
     return float(np.mean(losses[-50:])) if losses else float("nan")
 
@@ -340,7 +341,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         raise ConfigError(f"--optimizer must be sgd or adamw, got {optimizer_name!r}")
     if cfg.step1 not in ("reactnet", "real"):
         raise ConfigError(f"--step1 must be reactnet or real, got {cfg.step1!r}")
-    lr = cfg.lr if cfg.lr is not None else (0.05 if optimizer_name == "sgd" else 1e-3)
+    lr = cfg.lr if cfg.lr is not None else (0.1 * cfg.batch_size / 256 if optimizer_name == "sgd" else 1e-3)
     weights_path, report_path = output_paths(cfg.out, cfg.backbone)
     if weights_path.exists() and not weights_path.is_file():
         raise ConfigError(f"{weights_path}: exists and is not a file")
@@ -356,6 +357,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     train_objects = object_crops(train_set.records)
     if not train_objects:
         raise DataError(f"{cfg.data}: split {cfg.train_split!r} has no boxes to crop ({len(train_set)} images)")
+    if cfg.val_max_images is not None:
+        if cfg.val_max_images < 1:
+            raise ConfigError(f"--val-max-images must be >= 1, got {cfg.val_max_images}")
+        val_set.records = val_set.records[: cfg.val_max_images]
     val_objects = object_crops(val_set.records)
     if not val_objects:
         raise DataError(f"{cfg.data}: split {cfg.val_split!r} has no boxes to evaluate on ({len(val_set)} images)")
@@ -438,10 +443,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "coco", "voc", "yolo"], help="dataset layout")
     p.add_argument("--train-split", default="train", help="split to train on (default train)")
     p.add_argument("--val-split", default="val", help="split to measure top-1 on (default val)")
+    p.add_argument("--val-max-images", type=int, help="measure top-1 on the first N val images' crops only")
     p.add_argument("--iters", type=int, default=2000, help="training steps (default 2000)")
     p.add_argument("--crop-size", type=int, default=64, help="crop side in pixels (default 64)")
     p.add_argument("--batch-size", type=int, default=64, help="crops per step (default 64)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 0.05 for sgd, 1e-3 for adamw)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 0.1 x batch/256 for sgd, 1e-3 for adamw)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], help="default sgd; adamw for bireal18")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="sgd/adamw weight decay (not bireal18)")
     p.add_argument(
