@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a student with distillation",
         epilog=EPILOG_OVERRIDES,
         description="Train a student detector with one or more distillation methods. Method settings: "
-        "distill.options.<method>.<field>=value; weights: distill.weights.<method>=w.",
+        "distill.options.<method>.<field>=value; weights: distill.weights.<method>=w, or distill.calibrate=auto "
+        "to measure each term's scale against the detection loss over the first steps.",
     )
     p.add_argument("--method", help="method(s), e.g. tar or gkd+fitnet (see `detkd list methods`)")
     p.add_argument(
@@ -487,8 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: Any) -> None:
-    """Commands whose modules register their own parsers (export, bench, report)."""
-    for module in ("detkd.export", "detkd.bench.cli", "detkd.report"):
+    """Commands whose modules register their own parsers (pretrain, export, bench, report)."""
+    for module in ("detkd.pretrain", "detkd.export", "detkd.bench.cli", "detkd.report"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as exc:

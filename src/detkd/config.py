@@ -102,6 +102,12 @@ class DistillConfig:
     weights: dict[str, float] = field(default_factory=dict)  # method -> overall weight (default 1)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> overrides of its Config
     check_teacher: int = 16  # evaluate the teacher on this many val images before training (0 = skip)
+    # auto: measure each kd term against the detection loss over the first calibrate_iters steps (terms not applied
+    # meanwhile), then fix its weight so the terms together are calibrate_share of it (see detkd/calibration.py)
+    calibrate: Literal["off", "auto"] = "off"
+    calibrate_iters: int = 20
+    calibrate_share: float = 0.5
+    calibrate_exclude: list[str] = field(default_factory=lambda: ["lgd.kd_label_det"])  # method.term, weight 1
 
 
 @dataclass

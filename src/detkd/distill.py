@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
+from detkd.calibration import LossCalibration
 from detkd.errors import BuildError, ConfigError
 from detkd.methods.base import METHODS, Distiller
 from detkd.models.outputs import Detector, DetOutputs
@@ -62,6 +63,7 @@ class DistillModel(nn.Module):
         weights: method name -> overall weight (default 1).
         total_iters: length of training (for decay schedules).
         iters_per_epoch: iterations per pass over the data (for epoch-based schedules).
+        calibration: measured loss scales (``distill.calibrate=auto``), or None for the configured weights alone.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class DistillModel(nn.Module):
         weights: dict[str, float] | None = None,
         total_iters: int = 1,
         iters_per_epoch: int = 1,
+        calibration: LossCalibration | None = None,
     ):
         super().__init__()
         distillers = distillers or {}
@@ -83,6 +86,7 @@ class DistillModel(nn.Module):
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in distillers}
         self.total_iters = total_iters
         self.iters_per_epoch = iters_per_epoch
+        self.calibration = calibration
         self._teacher_head = any(d.teacher_head for d in distillers.values())  # instance value: may depend on kind
         # The module whose forward is called for the trainable part; the trainer may swap in a DDP wrapper.
         self.trainable_forward: nn.Module = self.trainable_module
@@ -136,10 +140,14 @@ class DistillModel(nn.Module):
             weight = self.weights[method] * cfg.term_weights.get(term, 1.0)
             if term not in cfg.schedule.exempt:
                 weight *= factors[method]
+            if self.calibration is not None:
+                weight *= self.calibration.factor(key)  # 0 while measuring: detection loss alone
             stats[f"raw.{key}"] = float(value.detach())
             losses[key] = value * weight
         for method, factor in factors.items():
             stats[f"{method}.schedule"] = factor
+        if self.calibration is not None and self.training:
+            stats.update(self.calibration.observe(step, sum(task.values()), terms))
         return losses, stats
 
 

@@ -139,3 +139,51 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
     assert a.keys() == b.keys()
     changed = [k for k in a if not torch.equal(a[k], b[k])]
     assert not changed, f"{len(changed)} tensors differ, first {changed[0]}"
+
+
+@pytest.fixture(scope="module")
+def calibrated_pair(tmp_path_factory):
+    from detkd.cli import main
+    from tests.test_calibration import distill_args, make_pair
+
+    root = make_pair(tmp_path_factory.mktemp("calibrated_resume"))
+    assert main(distill_args(root, root / "full")) == 0  # the uninterrupted reference
+    return root
+
+
+@pytest.mark.parametrize("kill_at", [2, 4], ids=["while-measuring", "after-choosing"])
+def test_calibrated_distillation_resumes_exactly(calibrated_pair, tmp_path, monkeypatch, kill_at):
+    """``distill.calibrate=auto`` (3 measuring steps of 5): a run stopped after its checkpoint at ``kill_at`` and
+    resumed ends bit-identical to an uninterrupted one. Stopped while measuring, the resume must continue the
+    partial means; stopped after choosing, it must keep the chosen weights and never measure again."""
+    from detkd.cli import main
+    from detkd.engine.trainer import Trainer
+    from tests.test_calibration import CALIB_ITERS, distill_args
+
+    full, killed = calibrated_pair / "full", tmp_path / "killed"
+
+    run_step = Trainer.run_step
+
+    def stop_at(trainer: Trainer) -> None:
+        if trainer.iter == kill_at:
+            raise KeyboardInterrupt  # the process dies here; last.pt holds step kill_at
+        run_step(trainer)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "run_step", stop_at)
+        assert main(distill_args(calibrated_pair, killed)) == 130
+    state = read_checkpoint(killed / "last.pt")
+    assert state["iter"] == kill_at
+    assert (state["calibration"]["factors"] is None) == (kill_at < CALIB_ITERS)
+    assert main(["distill", "--out", str(killed), "--resume", "--no-progress"]) == 0
+
+    final_full = json.loads((full / "final.json").read_text())
+    final_killed = json.loads((killed / "final.json").read_text())
+    assert final_killed["resumed_from"] == kill_at
+    assert final_killed["calibration"] == final_full["calibration"]
+    assert final_full["calibration"]["factors"], "the run should have calibrated"
+    assert _rows(killed / "log.jsonl") == _rows(full / "log.jsonl")
+    a = read_checkpoint(full / "student.pt")["model"]
+    b = read_checkpoint(killed / "student.pt")["model"]
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not changed, f"{len(changed)} tensors differ, first {changed[0]}"

@@ -108,7 +108,7 @@ def training_state(trainer: Trainer, extra: dict[str, Any], rng: list[dict[str, 
         extra: JSON-able fields stored as they are (config, spec, classes).
         rng: every rank's :func:`rng_state`, in rank order; this process's alone if None.
     """
-    return {
+    state = {
         "format": TRAIN_FORMAT,
         "version": VERSION,
         "iter": trainer.iter,
@@ -120,6 +120,10 @@ def training_state(trainer: Trainer, extra: dict[str, Any], rng: list[dict[str, 
         "nonfinite_total": trainer.nonfinite_total,
         **extra,
     }
+    calibration = getattr(trainer.model, "calibration", None)
+    if calibration is not None:
+        state["calibration"] = calibration.state_dict()  # resume keeps the measured scales, never re-measures
+    return state
 
 
 class Checkpointer(Hook):

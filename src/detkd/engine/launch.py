@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from detkd.calibration import LossCalibration
 from detkd.config import Config, OptimConfig, save_config, to_dict
 from detkd.distill import DistillModel, build_distillers
 from detkd.engine.checkpoint import load_detector, load_state_checked, read_checkpoint
@@ -161,6 +162,18 @@ def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimi
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_calibration(cfg: Config) -> LossCalibration | None:
+    """The loss calibration ``distill.calibrate`` asks for (None when off); checks it fits the run."""
+    if cfg.distill.calibrate == "off":
+        return None
+    if cfg.distill.calibrate_iters >= cfg.train.iters:
+        raise ConfigError(
+            f"distill.calibrate_iters ({cfg.distill.calibrate_iters}) must be smaller than train.iters "
+            f"({cfg.train.iters}): the distillation terms are not applied while they are measured"
+        )
+    return LossCalibration(cfg.distill.calibrate_iters, cfg.distill.calibrate_share, cfg.distill.calibrate_exclude)
 
 
 def check_teacher(teacher: Detector, dataset: Any, images: int, batch_size: int) -> dict[str, Any]:
@@ -349,7 +362,10 @@ def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) ->
             )
     distillers = build_distillers(cfg.distill.methods, cfg.distill.options, student, teacher)
     iters_per_epoch = max(1, math.ceil(len(train_set) / (cfg.data.batch_size * process.world)))
-    model = DistillModel(student, teacher, distillers, cfg.distill.weights, cfg.train.iters, iters_per_epoch)
+    calibration = build_calibration(cfg) if distillers else None
+    model = DistillModel(
+        student, teacher, distillers, cfg.distill.weights, cfg.train.iters, iters_per_epoch, calibration
+    )
     model.to(process.device)
     optimizer = build_optimizer(cfg.optim, model)
     return Run(
@@ -397,6 +413,11 @@ def restore(run: Run, last: Path) -> Restored:
         run.optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{last}: optimiser state does not fit this run ({exc})") from None
+    calibration = run.model.calibration
+    if calibration is not None:
+        if "calibration" not in ckpt:
+            raise CheckpointError(f"{last}: the run was started without distill.calibrate=auto")
+        calibration.load_state_dict(ckpt["calibration"])
     rng = ckpt["rng"]
     restored = Restored(
         last,
@@ -530,6 +551,7 @@ def summarize(run: Run, trainer: Trainer, hooks: Hooks, start_iter: int, train_t
         "teacher_check": run.teacher_metrics,
         "kd_active": trainer.state.get("kd_active"),
         "kd_per_rank": trainer.state.get("kd_per_rank"),
+        "calibration": run.model.calibration.summary() if run.model.calibration is not None else None,
         "student_params": sum(p.numel() for p in run.student.parameters()),
         "machine": {
             "device": str(device),

@@ -94,6 +94,8 @@ class BinaryConv2d(nn.Conv2d):
 
     Attributes:
         scale: per-output-channel ``alpha``, ``[out_channels]`` (1-D, so the optimiser applies no weight decay).
+        binary_activations: sign the input (True); False passes it as is (first step of staged training).
+        binary_weights: use ``alpha * sign(w)`` (True); False uses the latent real weights (idem).
     """
 
     def __init__(
@@ -111,13 +113,18 @@ class BinaryConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.mu = mu
         self.scale = nn.Parameter(self.weight.detach().abs().mean(dim=(1, 2, 3)).clone())
+        # Plain attributes, not state: a trained layer is always used fully binary.
+        self.binary_activations = True
+        self.binary_weights = True
 
     def binary_weight(self) -> Tensor:
         """``alpha * sign(w)``, ``[out, in / groups, kh, kw]``."""
         return _ScaledSign.apply(self.weight, self.scale, self.mu)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(approx_sign(x), self.binary_weight(), self.bias)
+        x = approx_sign(x) if self.binary_activations else x
+        weight = self.binary_weight() if self.binary_weights else self.weight
+        return self._conv_forward(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mu={self.mu}"

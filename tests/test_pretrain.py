@@ -1,0 +1,109 @@
+"""``detkd pretrain``: a backbone trained on object crops, whose weights load into any detector with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from detkd.cli import main
+from detkd.data import make_digits
+from detkd.distill import DistillModel
+from detkd.models import build_detector
+from detkd.models.binary import BinaryConv2d
+from detkd.pretrain import output_paths, set_binary_mode
+from tests.conftest import make_batch
+from tests.data.conftest import SCENE, write_coco
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain") / "digits"
+    make_digits(root, train=12, val=4, size=64)
+    return root
+
+
+def _pretrain(data: Path, out: Path, backbone: str, *extra: str) -> dict:
+    argv = ["pretrain", "--backbone", backbone, "--data", str(data), "--out", str(out), "--no-progress"]
+    argv += ["--iters", "2", "--crop-size", "32", "--batch-size", "4", *extra]
+    assert main(argv) == 0
+    return json.loads(output_paths(out, backbone)[1].read_text())
+
+
+def _body_state(detector) -> dict[str, torch.Tensor]:
+    return detector.model.backbone.body.state_dict()
+
+
+@pytest.mark.parametrize(("backbone", "detector"), [("r18", "frcnn_r18"), ("bireal18", "retinanet_bireal18")])
+def test_pretrained_weights_load_into_a_detector_that_then_trains(digits, tmp_path, capsys, backbone, detector):
+    # --out as a file, and as a folder (no .pt suffix) that gets BACKBONE.pt and BACKBONE.json.
+    out = tmp_path / "bireal.pt" if backbone == "bireal18" else tmp_path / "weights"
+    report = _pretrain(digits, out, backbone)
+    out = Path(report["weights"])
+    assert out == (tmp_path / "bireal.pt" if backbone == "bireal18" else tmp_path / "weights" / "r18.pt")
+    assert 0.0 <= report["top1"] <= 1.0 and 0.0 <= report["top1_objects"] <= 1.0
+    assert report["val_crops"] > report["val_background_crops"] > 0
+    assert report["classes"][-1] == "background" and len(report["classes"]) == 11
+    assert f"val top-1 {report['top1']:.4f}" in capsys.readouterr().out
+    if backbone == "bireal18":
+        assert [s["step"] for s in report["steps"]] == [1, 2]  # real-valued weights first, then binary
+
+    saved = torch.load(out, weights_only=True)
+    assert not any(k.startswith(("fc.", "classifier.")) for k in saved)
+    torch.manual_seed(0)
+    plain = build_detector(detector, 10, min_size=64, max_size=64, fpn_channels=16)
+    torch.manual_seed(0)
+    loaded = build_detector(detector, 10, min_size=64, max_size=64, fpn_channels=16, backbone_weights=str(out))
+    body, before = _body_state(loaded), _body_state(plain)
+    matched = [k for k in body if k in saved]
+    assert len(matched) == len([k for k in body if not k.endswith("num_batches_tracked")])  # every tensor from the file
+    for key in matched:
+        assert torch.equal(body[key], saved[key]), key
+    assert any(not torch.equal(before[k], saved[k]) for k in matched), "loading should change the backbone"
+
+    model = DistillModel(loaded).train()
+    params = [p for p in model.trainable_module.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=0.01)
+    images, targets = make_batch(size=64)
+    losses, _ = model(images, targets)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    optimizer.step()
+    assert any(not torch.equal(p, s) for p, s in zip(params, start))
+
+
+def test_staged_binary_modes():
+    torch.manual_seed(0)
+    conv = BinaryConv2d(4, 3, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 5, 5)
+    set_binary_mode(conv, activations=True, weights=False)  # ReActNet's step 1
+    expected = torch.nn.functional.conv2d(torch.where(x >= 0, 1.0, -1.0), conv.weight, padding=1)
+    torch.testing.assert_close(conv(x), expected)
+    set_binary_mode(conv, activations=False, weights=False)  # all real
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, padding=1))
+    with torch.no_grad():
+        conv.weight.mul_(3.0)  # step 1 moved the weights: step 2 restarts alpha from them
+    set_binary_mode(conv, activations=True, weights=True)
+    torch.testing.assert_close(conv.scale.detach(), conv.weight.abs().mean(dim=(1, 2, 3)))
+    assert conv.binary_activations and conv.binary_weights
+
+
+def test_bad_input_is_one_line(tmp_path, digits, capsys):
+    empty = [dict(item, boxes=[], labels=[]) for item in SCENE]
+    write_coco(tmp_path / "noboxes", empty, split="train")
+    write_coco(tmp_path / "noboxes", empty, split="val")
+    cases = [
+        (["--backbone", "r18", "--data", str(tmp_path / "noboxes")], "split 'train' has no boxes to crop"),
+        (["--backbone", "r7", "--data", str(digits)], "unknown backbone 'r7'; known: "),
+        (["--backbone", "r18", "--data", str(tmp_path / "missing")], "dataset folder not found"),
+        (["--backbone", "r18", "--data", str(digits), "--iters", "0"], "--iters must be >= 1"),
+    ]
+    for args, message in cases:
+        assert main(["pretrain", *args, "--out", str(tmp_path / "w.pt"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "w.pt").exists()
