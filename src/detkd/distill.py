@@ -55,6 +55,7 @@ class DistillModel(nn.Module):
         weights: method name -> overall weight (default 1).
         total_iters: length of training (for decay schedules).
         iters_per_epoch: iterations per pass over the data (for epoch-based schedules).
+        task_weight: multiplies the student's own detection losses (``loss_*``); IDa-Det's student uses 5.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class DistillModel(nn.Module):
         weights: dict[str, float] | None = None,
         total_iters: int = 1,
         iters_per_epoch: int = 1,
+        task_weight: float = 1.0,
     ):
         super().__init__()
         distillers = distillers or {}
@@ -76,6 +78,7 @@ class DistillModel(nn.Module):
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in distillers}
         self.total_iters = total_iters
         self.iters_per_epoch = iters_per_epoch
+        self.task_weight = float(task_weight)
         self._teacher_head = any(d.teacher_head for d in distillers.values())  # instance value: may depend on kind
         # The module whose forward is called for the trainable part; the trainer may swap in a DDP wrapper.
         self.trainable_forward: nn.Module = self.trainable_module
@@ -120,12 +123,16 @@ class DistillModel(nn.Module):
         batch, targets = self.student.preprocess(images, targets)
         t_out = self.run_teacher(batch)
         task, terms, stats = self.trainable_forward(batch, targets, t_out, step)
-        losses = dict(task)
+        losses = {k: v * self.task_weight for k, v in task.items()} if self.task_weight != 1.0 else dict(task)
         factors = self.schedule_factors(step)
         distillers = self.trainable_module.distillers
         for key, value in terms.items():
             method, term = key.split(".", 1)
             cfg = distillers[method].cfg
+            if term in distillers[method].own_losses:
+                # A method's own module's training loss, not a distillation term: no method weight, no schedule.
+                losses[key] = value * cfg.term_weights.get(term, 1.0)
+                continue
             weight = self.weights[method] * cfg.term_weights.get(term, 1.0)
             if term not in cfg.schedule.exempt:
                 weight *= factors[method]

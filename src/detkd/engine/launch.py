@@ -106,8 +106,9 @@ def count_boxes(dataset: Any) -> int:
 
 
 def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable module; no weight decay on norms and biases; method-defined groups;
-    ``cfg.lr_mult`` scales the LR of the parameters it names."""
+    """SGD or AdamW over the trainable module; no weight decay on norms and biases (unless
+    ``cfg.decay_norm_bias``, as the official mmdet and DETR code); method-defined groups; ``cfg.lr_mult`` scales the
+    LR of the parameters it names."""
     for key, mult in cfg.lr_mult.items():
         if mult < 0:
             raise ConfigError(f"optim.lr_mult.{key} must be >= 0, got {mult}")
@@ -138,7 +139,7 @@ def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimi
     for name, param in model.trainable_module.named_parameters():
         if not param.requires_grad or id(param) in claimed:
             continue
-        plain.setdefault((mult_of(name), param.ndim > 1), []).append(param)
+        plain.setdefault((mult_of(name), param.ndim > 1 or cfg.decay_norm_bias), []).append(param)
     unused = sorted(set(cfg.lr_mult) - used)
     if unused:
         raise ConfigError(
@@ -245,6 +246,11 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
         fpn_channels=cfg.model.fpn_channels,
         binary_neck=cfg.model.binary_neck,
     )
+    if cfg.model.binary_grad_scale != 1.0:
+        from detkd.models.binary import set_binary_grad_scale
+
+        if set_binary_grad_scale(student, cfg.model.binary_grad_scale) == 0:
+            raise ConfigError(f"model.binary_grad_scale is set but {cfg.model.name} has no binary conv")
     teacher = None
     teacher_metrics = None
     if cfg.distill.teacher:
@@ -265,7 +271,9 @@ def run(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
             )
     distillers = build_distillers(cfg.distill.methods, cfg.distill.options, student, teacher)
     iters_per_epoch = max(1, math.ceil(len(train_set) / (cfg.data.batch_size * world)))
-    model = DistillModel(student, teacher, distillers, cfg.distill.weights, cfg.train.iters, iters_per_epoch)
+    model = DistillModel(
+        student, teacher, distillers, cfg.distill.weights, cfg.train.iters, iters_per_epoch, cfg.model.task_loss_weight
+    )
     model.to(device)
     optimizer = build_optimizer(cfg.optim, model)
 

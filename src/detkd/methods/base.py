@@ -72,6 +72,9 @@ class Distiller(nn.Module):
         teacher_head: True if the teacher's head outputs (proposals, dense logits...) are needed, not only its
             features.
         kinds: student kinds the method supports (``two_stage``, ``one_stage``, ``detr``).
+        own_losses: returned terms that are not distillation terms but the training losses of the method's own
+            modules (LGD's implicit teacher); named ``loss_*``, weighted by ``term_weights`` alone, never by
+            ``distill.weights`` or the schedule.
     """
 
     name: ClassVar[str] = ""
@@ -80,6 +83,7 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = True
     teacher_head: ClassVar[bool] = False
     kinds: ClassVar[tuple[str, ...]] = ("two_stage", "one_stage")
+    own_losses: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: MethodConfig, student: Detector, teacher: Detector | None):
         super().__init__()
