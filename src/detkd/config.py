@@ -71,7 +71,8 @@ class OptimConfig:
     clip_grad_value: float | None = None
     # LR multipliers by parameter name: a key matches the parameters whose dotted name contains it as whole parts
     # ("backbone" matches student.backbone.conv1.weight, "backbone.body" only torchvision's ResNet trunk); the
-    # longest matching key wins. DETR recipes with a pretrained backbone: {backbone: 0.1, sampling_offsets: 0.1}.
+    # longest matching key wins. DETR recipes with a pretrained backbone:
+    # {backbone: 0.1, sampling_offsets: 0.1, reference_points: 0.1}.
     lr_mult: dict[str, float] = field(default_factory=dict)
 
 
