@@ -86,7 +86,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # auto: bf16 on CUDA (not yet measured against fp32 on a GPU), off on CPU; every official recipe trains in fp32 (off)
+    # auto: bf16 on CUDA (not yet measured against fp32 on a GPU), off on CPU; official recipes train in fp32 (off)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     max_nonfinite: int = 20  # abort after this many consecutive non-finite losses
     progress: bool = True
