@@ -34,6 +34,10 @@ class DataConfig:
     workers: int = 0
     hflip: float = 0.5  # probability of a horizontal flip in training
     scale_jitter: list[float] | None = None  # [low, high] random rescale of training images, None = off
+    # [low, high]: crop height and width drawn as fractions of the image's, applied with random_crop_prob; boxes are
+    # cut to the crop. DETR's recipe: resize to 400-600 px then crop 384-600 px, about [0.64, 1.0] with p 0.5.
+    random_crop: list[float] | None = None
+    random_crop_prob: float = 0.5
     val_max_images: int | None = None  # evaluate on the first N val images only
 
 
@@ -53,6 +57,9 @@ class ModelConfig:
     max_size: int = 1333  # ... and the long side at most max_size
     fpn_channels: int | None = None  # override the preset's FPN / transformer width
     binary_neck: bool = False  # 1-bit FPN and RPN convs (with a binary backbone such as bireal18)
+    # Multiplier of the binary convs' latent-weight straight-through gradient; IDa-Det's code: 50 (see models/binary.py)
+    binary_grad_scale: float = 1.0
+    task_loss_weight: float = 1.0  # multiplies every detection loss of the student (IDa-Det's student config: 5)
 
 
 @dataclass
@@ -63,6 +70,7 @@ class OptimConfig:
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    decay_norm_bias: bool = False  # also decay norms, biases and other 1-D parameters (mmdet/DETR official code)
     schedule: Literal["step", "cosine", "constant"] = "step"
     steps: list[float] = field(default_factory=lambda: [0.75, 0.9])  # fractions of train.iters (step schedule)
     gamma: float = 0.1
@@ -72,7 +80,8 @@ class OptimConfig:
     clip_grad_value: float | None = None
     # LR multipliers by parameter name: a key matches the parameters whose dotted name contains it as whole parts
     # ("backbone" matches student.backbone.conv1.weight, "backbone.body" only torchvision's ResNet trunk); the
-    # longest matching key wins. DETR recipes with a pretrained backbone: {backbone: 0.1, sampling_offsets: 0.1}.
+    # longest matching key wins. DETR recipes with a pretrained backbone:
+    # {backbone: 0.1, sampling_offsets: 0.1, reference_points: 0.1}.
     lr_mult: dict[str, float] = field(default_factory=dict)
 
 
@@ -86,7 +95,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: AmpMode = "auto"  # auto: bf16 on CUDA, off on CPU
+    # auto: bf16 on CUDA (not yet measured against fp32 on a GPU), off on CPU; official recipes train in fp32 (off)
+    amp: AmpMode = "auto"
     max_nonfinite: int = 20  # abort after this many consecutive non-finite losses
     progress: bool = True
     tensorboard: bool = True

@@ -64,6 +64,7 @@ class DistillModel(nn.Module):
         total_iters: length of training (for decay schedules).
         iters_per_epoch: iterations per pass over the data (for epoch-based schedules).
         calibration: measured loss scales (``distill.calibrate=auto``), or None for the configured weights alone.
+        task_weight: multiplies the student's own detection losses (``loss_*``); IDa-Det's student uses 5.
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class DistillModel(nn.Module):
         total_iters: int = 1,
         iters_per_epoch: int = 1,
         calibration: LossCalibration | None = None,
+        task_weight: float = 1.0,
     ):
         super().__init__()
         distillers = distillers or {}
@@ -87,6 +89,7 @@ class DistillModel(nn.Module):
         self.total_iters = total_iters
         self.iters_per_epoch = iters_per_epoch
         self.calibration = calibration
+        self.task_weight = float(task_weight)
         self._teacher_head = any(d.teacher_head for d in distillers.values())  # instance value: may depend on kind
         # The module whose forward is called for the trainable part; the trainer may swap in a DDP wrapper.
         self.trainable_forward: nn.Module = self.trainable_module
@@ -131,12 +134,16 @@ class DistillModel(nn.Module):
         batch, targets = self.student.preprocess(images, targets)
         t_out = self.run_teacher(batch)
         task, terms, stats = self.trainable_forward(batch, targets, t_out, step)
-        losses = dict(task)
+        losses = {k: v * self.task_weight for k, v in task.items()} if self.task_weight != 1.0 else dict(task)
         factors = self.schedule_factors(step)
         distillers = self.trainable_module.distillers
         for key, value in terms.items():
             method, term = key.split(".", 1)
             cfg = distillers[method].cfg
+            if term in distillers[method].own_losses:
+                # A method's own module's training loss, not a distillation term: no method weight, no schedule.
+                losses[key] = value * cfg.term_weights.get(term, 1.0)
+                continue
             weight = self.weights[method] * cfg.term_weights.get(term, 1.0)
             if term not in cfg.schedule.exempt:
                 weight *= factors[method]
@@ -147,7 +154,12 @@ class DistillModel(nn.Module):
         for method, factor in factors.items():
             stats[f"{method}.schedule"] = factor
         if self.calibration is not None and self.training:
-            stats.update(self.calibration.observe(step, sum(task.values()), terms))
+            # Measured against the detection loss as trained (times task_weight); a method's own losses are no
+            # distillation terms and keep their weights.
+            kd_terms = {
+                k: v for k, v in terms.items() if k.split(".", 1)[1] not in distillers[k.split(".", 1)[0]].own_losses
+            }
+            stats.update(self.calibration.observe(step, sum(losses[k] for k in task), kd_terms))
         return losses, stats
 
 

@@ -26,7 +26,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _is_loss(key: str) -> bool:
-    return key.startswith("loss_") or (".kd_" in key and not key.startswith("raw."))
+    # Task losses (loss_*), distillation terms (<method>.kd_*) and methods' own losses (<method>.loss_*, e.g. LGD's
+    # teacher; its parts are logged as stats <method>.teacher_det.loss_*).
+    own = key.count(".") == 1 and key.split(".")[1].startswith("loss_")
+    return key.startswith("loss_") or own or (".kd_" in key and not key.startswith("raw."))
 
 
 def plot_curves(run: Path, out: Path) -> list[Path]:

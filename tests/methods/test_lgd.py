@@ -163,15 +163,15 @@ def test_sizes_come_from_the_detector():
     targets[0]["labels"] = torch.tensor([1, 5])
     losses, stats = model(images, targets, step=TOTAL // 2)
     assert all(torch.isfinite(v) for v in losses.values())
-    assert {"lgd.label_det.loss_rpn_cls", "lgd.label_det.loss_cls"} <= set(stats)
+    assert {"lgd.teacher_det.loss_rpn_cls", "lgd.teacher_det.loss_cls"} <= set(stats)
 
 
 def test_fcos_and_slim_label_encoder():
     model = build("fcos_r18", options={"stn": False, "encoder_dims": [32, 32, 64], "heads": 4})
     images, targets = make_batch(n=2, empty_last=True)
     losses, stats = model(images, targets, step=TOTAL // 2)
-    assert set(k for k in losses if k.startswith("lgd.")) == {"lgd.kd_label_det", "lgd.kd_feat"}
-    assert "lgd.label_det.loss_ctrness" in stats
+    assert set(k for k in losses if k.startswith("lgd.")) == {"lgd.loss_teacher_det", "lgd.kd_feat"}
+    assert "lgd.teacher_det.loss_ctrness" in stats
     sum(losses.values()).backward()
 
 

@@ -114,8 +114,9 @@ def count_boxes(dataset: Any) -> int:
 
 
 def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable module; no weight decay on norms and biases; method-defined groups;
-    ``cfg.lr_mult`` scales the LR of the parameters it names."""
+    """SGD or AdamW over the trainable module; no weight decay on norms and biases (unless
+    ``cfg.decay_norm_bias``, as the official mmdet and DETR code); method-defined groups; ``cfg.lr_mult`` scales the
+    LR of the parameters it names."""
     for key, mult in cfg.lr_mult.items():
         if mult < 0:
             raise ConfigError(f"optim.lr_mult.{key} must be >= 0, got {mult}")
@@ -146,7 +147,7 @@ def build_optimizer(cfg: OptimConfig, model: DistillModel) -> torch.optim.Optimi
     for name, param in model.trainable_module.named_parameters():
         if not param.requires_grad or id(param) in claimed:
             continue
-        plain.setdefault((mult_of(name), param.ndim > 1), []).append(param)
+        plain.setdefault((mult_of(name), param.ndim > 1 or cfg.decay_norm_bias), []).append(param)
     unused = sorted(set(cfg.lr_mult) - used)
     if unused:
         raise ConfigError(
@@ -339,6 +340,11 @@ def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) ->
         from detkd.engine.weights import load_weights
 
         load_weights(student, cfg.model.weights)
+    if cfg.model.binary_grad_scale != 1.0:
+        from detkd.models.binary import set_binary_grad_scale
+
+        if set_binary_grad_scale(student, cfg.model.binary_grad_scale) == 0:
+            raise ConfigError(f"model.binary_grad_scale is set but {cfg.model.name} has no binary conv")
     teacher = None
     teacher_metrics = None
     if cfg.distill.teacher:
@@ -364,7 +370,14 @@ def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) ->
     iters_per_epoch = max(1, math.ceil(len(train_set) / (cfg.data.batch_size * process.world)))
     calibration = build_calibration(cfg) if distillers else None
     model = DistillModel(
-        student, teacher, distillers, cfg.distill.weights, cfg.train.iters, iters_per_epoch, calibration
+        student,
+        teacher,
+        distillers,
+        cfg.distill.weights,
+        cfg.train.iters,
+        iters_per_epoch,
+        calibration,
+        cfg.model.task_loss_weight,
     )
     model.to(process.device)
     optimizer = build_optimizer(cfg.optim, model)

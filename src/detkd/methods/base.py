@@ -80,6 +80,9 @@ class Distiller(nn.Module):
             gradient in a step. Multi-GPU training then asks DistributedDataParallel to look for them
             (``find_unused_parameters``, a traversal of the whole graph every step); otherwise DDP would stop with
             an error. tests/methods/test_harness.py checks the methods that say False.
+        own_losses: returned terms that are not distillation terms but the training losses of the method's own
+            modules (LGD's implicit teacher); named ``loss_*``, weighted by ``term_weights`` alone, never by
+            ``distill.weights`` or the schedule.
     """
 
     name: ClassVar[str] = ""
@@ -91,6 +94,7 @@ class Distiller(nn.Module):
     benchmark_goal: ClassVar[bool] = False
     paper_gap_closed: ClassVar[float | None] = None
     has_unused_parameters: ClassVar[bool] = False
+    own_losses: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: MethodConfig, student: Detector, teacher: Detector | None):
         super().__init__()

@@ -45,6 +45,10 @@ Options (defaults follow the official code unless noted):
   ``first`` (official code: same index). ``teacher_layers`` lists one teacher layer per student layer
   explicitly (-1: none).
 - ``contrast_dim`` (512), ``contrast_temperature`` (0.07): the contrastive heads.
+- ``contrast_direction``: ``teacher_to_student`` (default, the official code: logits ``T S^T``, each teacher
+  embedding picks its matched student embedding among the student rows) or ``student_to_teacher`` (``S T^T``, each
+  student embedding picks its teacher; detkd's default before this option existed). The two differ in which
+  softmax normalises the logits, i.e. which side supplies the negatives.
 
 Terms (unweighted, summed over the paired layers): ``kd_ld_cls``, ``kd_ld_bbox``, ``kd_ld_giou`` (and in
 ``pos_neg`` mode ``kd_ld_neg_bbox``, ``kd_ld_neg_giou``), ``kd_feat``, ``kd_ad_cls``, ``kd_ad_bbox``,
@@ -57,7 +61,7 @@ not name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +121,7 @@ class DETRDistillConfig(MethodConfig):
     teacher_layers: list[int] | None = None
     contrast_dim: int = 512
     contrast_temperature: float = 0.07
+    contrast_direction: Literal["teacher_to_student", "student_to_teacher"] = "teacher_to_student"
 
 
 def layer_pairs(
@@ -343,7 +348,10 @@ def memory_maps(out: DetOutputs, detector: Detector) -> dict[str, Tensor]:
 
 
 def info_nce(s_emb: Tensor, t_emb: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """InfoNCE with the diagonal as positives, for L2-normalised ``[M, D]`` rows; returns (loss, top-1 accuracy)."""
+    """InfoNCE with the diagonal as positives, for L2-normalised ``[M, D]`` rows; returns (loss, top-1 accuracy).
+
+    The logits are ``s_emb @ t_emb^T / temperature``: each row of ``s_emb`` classifies its partner among the rows of
+    ``t_emb``. Swap the arguments for the other direction."""
     logits = s_emb.float() @ t_emb.float().T / temperature
     labels = torch.arange(len(logits), device=logits.device)
     return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
@@ -483,9 +491,10 @@ class DETRDistill(Distiller):
             t_rows = torch.cat([t_head["embeddings"][kt][b, t] for b, (_, t) in enumerate(matching)])
             if len(s_rows) < 2:  # no negatives to contrast with (and BatchNorm needs two rows)
                 continue
-            loss, acc = info_nce(
-                self.contrast_student(s_rows), self.contrast_teacher(t_rows.detach()), self.cfg.contrast_temperature
-            )
+            s_emb, t_emb = self.contrast_student(s_rows), self.contrast_teacher(t_rows.detach())
+            if self.cfg.contrast_direction == "teacher_to_student":
+                t_emb, s_emb = s_emb, t_emb  # rows of the logits are the teacher's, as in the official code
+            loss, acc = info_nce(s_emb, t_emb, self.cfg.contrast_temperature)
             losses.append(loss)
             accuracy.append(float(acc))
         if not losses:

@@ -40,13 +40,19 @@ Options (what the official code does, what the paper intends):
 - ``global_loss``: False (default) is the released code, whose config computes ``r`` but never the global loss;
   True adds the prototype-relation loss the paper describes (official weight ``pair_wise_factor = 5``).
 - ``num_prototypes`` K (10), ``alpha`` (10), ``density_width`` (0.1), ``density_quantile`` (0.4): the official
-  PGM settings. Selection runs in fp32 (the official code uses fp16) and in chunks of ``chunk`` candidates, so
-  memory is ``O(chunk * N)`` for ``N`` instances of a class.
-- ``max_images_per_class`` (32; official 800), ``max_images`` (64 in all), ``max_instances_per_class`` (256),
-  ``min_box`` (4 px; official 30): scaled for a 2-core CPU and 128-px digits. Images are drawn class by class in
-  turn (seed ``seed``, official 1) until every class has ``max_images_per_class`` images or ``max_images`` are
-  drawn, so one regeneration costs one student pass over at most ``max_images`` images whatever the dataset size.
-  The official 30 px on 800-1333 px images is about 4 px at 128 px, which keeps all but degenerate digits.
+  PGM settings. Selection runs in fp32 (the official code uses fp16: its prototype lists differ from fp32 ones on
+  near ties) and in chunks of ``chunk`` candidates, so memory is ``O(chunk * N)`` for ``N`` instances of a class.
+- ``strict_density_cut``: False (default) keeps candidates whose density is ``>=`` the quantile in both spaces;
+  True uses the official ``>``, which leaves no candidate (hence no prototype for the class) when densities tie.
+- ``max_images_per_class`` (32; official 800), ``max_images`` (64 in all; None = no cap), ``max_instances_per_class``
+  (256; None = no cap), ``min_box`` (4 px; official 30): scaled for a 2-core CPU and 128-px digits. Images are drawn
+  class by class in turn (seed ``seed``, official 1) until every class has ``max_images_per_class`` images or
+  ``max_images`` are drawn, so one regeneration costs one student pass over at most ``max_images`` images whatever
+  the dataset size. The official code samples, per class, up to 800 images holding a box of that class and pools
+  every such box (so a class may have more than 800 instances), all in fp32 here: the official sample is
+  ``max_images_per_class: 800, max_images: null, max_instances_per_class: null`` (see
+  ``configs/official/gkd_frcnn.yaml``). The official 30 px on 800-1333 px images is about 4 px at 128 px, which keeps
+  all but degenerate digits.
 - ``regen_every`` (1 = every epoch, as the official code; 0 = never: no prototypes and ``r = 1``, which is
   plain decoupled distillation).
 - ``finest_scale`` (56): an instance of size ``s = sqrt((w+1)(h+1))`` goes to level
@@ -70,10 +76,11 @@ class and level are logged at each regeneration.
 Deviations, each for a reason: before the first PGM (or for a class without prototypes) ``r = 1``, i.e. the
 instance is trusted as in plain decoupled distillation. ``r`` is clamped to [0, 1]: a negative weight would push
 the student away from the teacher. Overlapping instances keep the larger ``r`` in the mask (the official code
-lets the later box overwrite). Candidates pass the density filter at ``>=`` the quantile (the official ``>``
-leaves no candidate when densities tie), and a prototype picked twice by the matching pursuit is kept once. The
-soft-label ``r`` of a RoI is its box's ``r`` at its level (the official code re-pools the RoIAlign features at the
-same level). Instance features are exact box averages of the cells the box touches, computed from integral images.
+lets the later box overwrite). Candidates pass the density filter at ``>=`` the quantile unless
+``strict_density_cut`` (the official ``>`` leaves no candidate when densities tie), and a prototype picked twice
+by the matching pursuit is kept once. The soft-label ``r`` of a RoI is its box's ``r`` at its level (the official
+code re-pools the RoIAlign features at the same level). Instance features are exact box averages of the cells the
+box touches, computed from integral images.
 """
 
 from __future__ import annotations
@@ -119,8 +126,9 @@ class GKDConfig(MethodConfig):
     density_quantile: float = 0.4
     min_box: float = 4.0
     max_images_per_class: int = 32
-    max_images: int = 64
-    max_instances_per_class: int = 256
+    max_images: int | None = 64
+    max_instances_per_class: int | None = 256
+    strict_density_cut: bool = False
     regen_every: int = 1
     seed: int = 1
     chunk: int = 1024
@@ -230,6 +238,7 @@ def select_prototypes(
     width: float = 0.1,
     quantile: float = 0.4,
     chunk: int = 1024,
+    strict: bool = False,
 ) -> Tensor:
     """Prototype indices (unique, in pick order) among the instances of one class at one level.
 
@@ -241,6 +250,7 @@ def select_prototypes(
         width: density kernel width.
         quantile: candidates have a density at least this quantile in both spaces.
         chunk: rows / candidates processed at once.
+        strict: candidates must exceed the quantile (the official ``>``) instead of reaching it.
     """
     n = len(s_vecs)
     if n == 0 or num <= 0:
@@ -249,7 +259,8 @@ def select_prototypes(
     dens_a, dens_b = density(a, width, chunk), density(b, width, chunk)
     k = min(int(quantile * n), n - 1)
     # ">=" keeps at least 60% of each space, so the intersection is never empty (">" is empty on ties).
-    keep = (dens_a >= dens_a.sort().values[k]) & (dens_b >= dens_b.sort().values[k])
+    cut_a, cut_b = dens_a.sort().values[k], dens_b.sort().values[k]
+    keep = (dens_a > cut_a) & (dens_b > cut_b) if strict else (dens_a >= cut_a) & (dens_b >= cut_b)
     picks = joint_matching_pursuit(a, b, keep.nonzero()[:, 0], num, alpha, chunk)
     return torch.tensor(list(dict.fromkeys(picks)), dtype=torch.long, device=s_vecs.device)
 
@@ -459,10 +470,11 @@ class GKD(Distiller):
         queues = {c: list(rng.permutation(ims)) for c, ims in sorted(by_class.items())}
         chosen: dict[int, None] = {}
         images_of = dict.fromkeys(queues, 0)
-        while len(chosen) < cfg.max_images:
+        max_images = cfg.max_images if cfg.max_images is not None else len(per_image)
+        while len(chosen) < max_images:
             added = False
             for c, queue in queues.items():
-                if len(chosen) >= cfg.max_images or images_of[c] >= cfg.max_images_per_class:
+                if len(chosen) >= max_images or images_of[c] >= cfg.max_images_per_class:
                     continue
                 while queue and int(queue[0]) in chosen:
                     queue.pop(0)
@@ -482,7 +494,7 @@ class GKD(Distiller):
         labels_all = np.array([o[2] for o in owners], dtype=np.int64)
         for c in np.unique(labels_all):
             idx = np.nonzero(labels_all == c)[0]
-            if len(idx) > cfg.max_instances_per_class:
+            if cfg.max_instances_per_class is not None and len(idx) > cfg.max_instances_per_class:
                 keep[rng.choice(idx, len(idx) - cfg.max_instances_per_class, replace=False)] = False
         kept = [o for o, k in zip(owners, keep) if k]
         boxes_of = {i: [] for i in images}
@@ -562,6 +574,7 @@ class GKD(Distiller):
                     cfg.density_width,
                     cfg.density_quantile,
                     cfg.chunk,
+                    cfg.strict_density_cut,
                 )
             ]
             # Nearest other members of the class, for the picture (student space).

@@ -29,8 +29,9 @@ Options (the paper and the official code differ; both are available):
   over the crop (detached, floored at ``cov_floor`` times its batch mean); the ``log Cov`` term is then a constant
   and is left out, so the term is zero when the features match.
 - ``geometry``: ``box`` (default: the paper's intent) crops and masks each box where it is; ``band``
-  reproduces the official code's mask: coordinates normalised by the unpadded image but scaled by the padded map,
-  x and y swapped, and two full-width bands of rows marked per kept box (patches of 1 cell or less score 0).
+  reproduces the official code's mask *geometry*: coordinates normalised by the unpadded image but scaled by the
+  padded map, x and y swapped, and two full-width bands of rows marked per kept box (patches of 1 cell or less
+  score 0). It does not reproduce the official *selection* exactly: see the deviations below.
 - ``log_norm``: ``numel`` (default, the code) scales the ``log sigma^2`` term by ``numel / |M|``; ``masked``
   gives it one unit per masked element (the plain Gaussian NLL).
 - ``adapter_init``: ``identity`` (default, detkd's connectors: the student is compared as it is) or ``code``
@@ -44,10 +45,14 @@ Options (the paper and the official code differ; both are available):
 Deviations: the per-box discrepancy is computed on ``patch x patch`` RoIAlign crops (``aligned=True``, one call per
 level for the whole batch) instead of the code's exact integer slices, which vectorises the code's Python loop over
 boxes and gives every box a patch on every level; the code drops (scores 0) boxes whose slice is at most one cell,
-which on small inputs is most boxes on the coarse levels. With a fixed patch size the code's per-box normaliser
-(``sum / ph * pw``) is a constant and does not change the ranking. A level whose mask is empty contributes 0 (the
-code still adds its ``log sigma^2 * numel`` term, which then pushes sigma towards 0). ``sigma`` is a scalar, so
-detkd's optimiser gives it no weight decay (the code decays it with the rest).
+which on small inputs is most boxes on the coarse levels. Scoring fixed ``patch x patch`` crops also drops two
+box-shape effects of the code, so which boxes are kept differs from the official selection, ``geometry=band``
+included: the code's softmax runs over the box's own ``N = ph * pw`` cells (``d_c = 1 / (N^2 var_c)`` depends on
+the box size), and its normaliser ``sum / ph * pw`` is, by Python's precedence, ``sum * pw / ph``, a factor that
+favours wide boxes over tall ones; detkd divides every box by the same ``patch^2``. A level whose mask is empty
+contributes 0 (the code still adds its ``log sigma^2 * numel`` term, which then pushes sigma towards 0). ``sigma``
+is a scalar, so detkd's optimiser gives it no weight decay (the code decays it with the rest) unless
+``optim.decay_norm_bias`` is set.
 """
 
 from __future__ import annotations

@@ -14,13 +14,17 @@ student). Per batch:
 5. the **intra-object knowledge mapper** paints each object's output into its box (overlaps summed), adds the
    context vector everywhere and refines with convs: one teacher map ``T_l`` per FPN level, shaped like ``S_l``.
 
-The teacher maps go through the student's own head with the ground-truth loss (``kd_label_det``, the paper's
-``L_det^I``; it is the only loss the teacher modules learn from), and the student imitates them:
+The teacher maps go through the student's own head with the ground-truth loss (``loss_teacher_det``, the paper's
+``L_det^I``; it is the only loss the teacher modules learn from, and it is not a distillation term: it is weighted by
+``term_weights.loss_teacher_det`` alone, never by ``distill.weights.lgd`` or the schedule), and the student
+imitates them:
 ``kd_feat = mean over every cell of every level of (IN(sg(T)) - IN(A(S)))^2``, with ``IN`` an instance norm and
 ``A`` an adapter of three 3x3 convs shared across levels.
 
 Recipe phases, as fractions of the run (``train.iters``, read from the run context in ``on_epoch_start``; when
-no context was given, no phase applies: nothing is frozen and the student is distilled from step 0):
+no context was given, no phase applies: nothing is frozen and the student is distilled from step 0), or in
+iterations (``freeze_backbone_iters``, ``adapter_only_iters``, ``late_stop_iters``: when set, each replaces its
+fraction; the official configs give iterations, e.g. 20000 / 30000 of a 180000-step run):
 
 - ``freeze_backbone_frac`` (default 20k/180k as in the official configs): the student's bottom-up backbone gets
   no update (its gradients are dropped before the optimiser step, so neither momentum nor weight decay moves it);
@@ -30,10 +34,12 @@ no context was given, no phase applies: nothing is frozen and the student is dis
   run is again adapter-only.
 
 Gradient clipping is the run's ``optim.clip_grad_value``: the official recipe clips every gradient element to
-+-1 and clips no norm. Recommended: ``optim.clip_grad_value=1.0`` and keep detkd's norm clipping
-(``optim.clip_grad_norm=10``) as a guard: trained from scratch at LR 0.02, a slim RetinaNet once had a spike of its
-classification loss when the teacher began to matter, which value clipping alone let diverge and norm clipping
-absorbed (see ``configs/retinanet_r18_lgd.yaml``). A fair baseline uses the same clipping.
++-1 and clips no norm (``configs/official/lgd_retinanet.yaml``: ``clip_grad_value: 1.0``, ``clip_grad_norm:
+null``). A norm clip acts on the combined gradient of student, implicit teacher and adapter, so while it is active
+(at initialisation) the teacher's gradient shrinks the student's step. ``configs/retinanet_r18_lgd.yaml`` keeps
+detkd's norm clipping (10) as a guard besides the value clip: trained from scratch at LR 0.02, a slim RetinaNet once
+had a spike of its classification loss when the teacher began to matter, which value clipping alone let diverge and
+norm clipping absorbed. A fair baseline uses the same clipping.
 
 Options (official code = the megvii-research/LGD configs):
 
@@ -51,6 +57,9 @@ Options (official code = the megvii-research/LGD configs):
 - ``teacher_lr_scale`` (1) and ``teacher_weight_decay`` (None = the optimiser's, applied to every teacher
   parameter as the official code does): the teacher modules' own parameter group (officially a second optimiser
   with the same settings).
+- ``pooling``: ``per_image`` (default; the official code pools and paints image by image) or ``batched`` (one
+  matmul over the whole batch through a block matrix of ``objects x images x cells``, whose memory grows with the
+  square of the batch size). Both give the same result up to float rounding.
 
 Deviations: an image without boxes has no object token (the official code inserts a 1-pixel dummy box); its
 teacher map is then the context term alone, or the refined constant map when the context box is off. A cell is
@@ -62,7 +71,7 @@ R-CNN's teacher pass runs its own RPN and RoI sampling, as in the official code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +96,10 @@ class LGDConfig(MethodConfig):
     freeze_backbone_frac: float = 20 / 180
     adapter_only_frac: float = 30 / 180
     late_stop_frac: float = 0.0
+    freeze_backbone_iters: int | None = None  # when set, replaces freeze_backbone_frac (official: 20000)
+    adapter_only_iters: int | None = None  # when set, replaces adapter_only_frac (official: 30000)
+    late_stop_iters: int | None = None  # when set, replaces late_stop_frac (official X-101-DCN: 50000)
+    pooling: Literal["per_image", "batched"] = "per_image"
     teacher_lr_scale: float = 1.0
     teacher_weight_decay: float | None = None
 
@@ -189,11 +202,55 @@ def lgd_phases(step: int, total: int | None, cfg: LGDConfig) -> tuple[bool, bool
     """``(backbone frozen, student distilled)`` at ``step`` of a ``total``-step run (no phases when unknown)."""
     if total is None:
         return False, True
-    frozen = step < round(cfg.freeze_backbone_frac * total)
-    distilled = step >= round(cfg.adapter_only_frac * total)
-    if cfg.late_stop_frac > 0:
-        distilled &= step < total - round(cfg.late_stop_frac * total)
+
+    def length(iters: int | None, frac: float) -> int:
+        return int(iters) if iters is not None else round(frac * total)
+
+    frozen = step < length(cfg.freeze_backbone_iters, cfg.freeze_backbone_frac)
+    distilled = step >= length(cfg.adapter_only_iters, cfg.adapter_only_frac)
+    late = length(cfg.late_stop_iters, cfg.late_stop_frac)
+    if late > 0:
+        distilled &= step < total - late
     return frozen, distilled
+
+
+def pool_objects(cells: Tensor, image_index: Tensor, maps: Tensor, per_image: bool = True) -> Tensor:
+    """Sum of each object's cells on its own image's map, ``[T, C]``.
+
+    Args:
+        cells: ``[T, h*w]`` cell weights of the objects, in image order (as :func:`label_descriptors` gives them).
+        image_index: ``[T]`` image of each object.
+        maps: ``[B, C, h, w]``.
+        per_image: one small matmul per image (memory ``O(T * h * w)``); False builds a ``[T, B * h * w]`` block
+            matrix and does one matmul for the batch (memory ``O(T * B * h * w)``).
+    """
+    num_images, channels = maps.shape[:2]
+    flat = maps.flatten(2).transpose(1, 2)  # [B, h*w, C]
+    cells = cells.to(maps.dtype)
+    if not per_image:
+        block = cells.new_zeros(len(cells), num_images, cells.shape[1])
+        block[torch.arange(len(cells), device=cells.device), image_index] = cells
+        return block.flatten(1) @ flat.reshape(-1, channels)
+    counts = torch.bincount(image_index, minlength=num_images).tolist()
+    return torch.cat([c @ flat[i] for i, c in enumerate(cells.split(counts))])
+
+
+def render_objects(
+    cells: Tensor, image_index: Tensor, values: Tensor, num_images: int, per_image: bool = True
+) -> Tensor:
+    """Paint each object's ``[C]`` value into its cells of its own image (overlaps add up): ``[B, h*w, C]``.
+
+    Args:
+        cells: ``[T, h*w]`` in image order; image_index: ``[T]``; values: ``[T, C]``; per_image: as
+            :func:`pool_objects`.
+    """
+    cells = cells.to(values.dtype)
+    if not per_image:
+        block = cells.new_zeros(len(cells), num_images, cells.shape[1])
+        block[torch.arange(len(cells), device=cells.device), image_index] = cells
+        return (block.flatten(1).t() @ values).view(num_images, cells.shape[1], values.shape[1])
+    counts = torch.bincount(image_index, minlength=num_images).tolist()
+    return torch.stack([c.t() @ v for c, v in zip(cells.split(counts), values.split(counts))])
 
 
 # --------------------------------------------------------------------------------------------------- modules
@@ -275,6 +332,7 @@ class LabelGuidedTeacher(nn.Module):
         heads: attention heads.
         encoder_dims: label-encoder widths.
         stn_dims: spatial-transformer widths, or None.
+        per_image: pool and paint image by image (see :func:`pool_objects`).
     """
 
     def __init__(
@@ -287,9 +345,11 @@ class LabelGuidedTeacher(nn.Module):
         heads: int,
         encoder_dims: list[int],
         stn_dims: list[int] | None,
+        per_image: bool = True,
     ):
         super().__init__()
         self.num_classes, self.context_box, self.detach_appearance = num_classes, context_box, detach_appearance
+        self.per_image = per_image
         self.normalise_by = normalise_by
         self.label_encoder = LabelEncoder(4 + num_classes, channels, encoder_dims, stn_dims)
         self.label_proj = nn.Linear(channels, channels)
@@ -345,13 +405,9 @@ class LabelGuidedTeacher(nn.Module):
             proj = F.relu(F.group_norm(self.appearance_proj(feat), 1))  # [B, C, h, w]
             cells = cell_masks(boxes, batch_shape, tuple(feat.shape[-2:])).flatten(1)  # [T, h*w]
             cells[is_ctx] = 1.0  # the context object covers the whole padded map
-            # One block per image, so a single matmul pools every object from its own image: [T, B*h*w].
-            block = cells.new_zeros(count, num_images, cells.shape[1])
-            block[torch.arange(count, device=cells.device), image_index] = cells
-            block = block.flatten(1).to(proj.dtype)
-            pooled = block @ proj.flatten(2).transpose(1, 2).reshape(-1, channels)  # [T, C]
+            pooled = pool_objects(cells, image_index, proj, self.per_image)  # [T, C]
             appearance.append(pooled / cells.sum(1, keepdim=True).clamp(min=1.0).to(pooled.dtype))
-            masks.append(block)
+            masks.append(cells)
         if (~is_ctx).any():
             stats["empty_boxes_coarsest"] = float((masks[-1][~is_ctx].sum(1) == 0).float().mean())
 
@@ -365,10 +421,11 @@ class LabelGuidedTeacher(nn.Module):
         for i, (level, feat) in enumerate(features.items()):
             o = out[:, i]  # [T, C]
             painted = self.object_proj(o)
-            block = masks[i] * (~is_ctx)[:, None].to(masks[i].dtype)  # context objects are not painted
+            cells = masks[i] * (~is_ctx)[:, None].to(masks[i].dtype)  # context objects are not painted
             h, w = feat.shape[-2:]
             # Overlapping boxes add up (no division by the number of boxes), as in the official code.
-            rendered = (block.t() @ painted).view(num_images, h, w, channels).permute(0, 3, 1, 2)
+            rendered = render_objects(cells, image_index, painted, num_images, self.per_image)
+            rendered = rendered.view(num_images, h, w, channels).permute(0, 3, 1, 2)
             u = self.render_conv(rendered.contiguous())
             if self.context_box:
                 u = u + self.context_proj(o[is_ctx])[:, :, None, None]  # one context object per image, in order
@@ -392,6 +449,7 @@ class LGD(Distiller):
     # The context projection exists whatever context_box says and gets no gradient when it is off (the two-stage
     # default).
     has_unused_parameters = True
+    own_losses = ("loss_teacher_det",)
 
     def __init__(self, cfg: LGDConfig, student: Detector, teacher: Detector | None):
         super().__init__(cfg, student, teacher)
@@ -420,6 +478,7 @@ class LGD(Distiller):
             heads=cfg.heads,
             encoder_dims=list(cfg.encoder_dims),
             stn_dims=list(cfg.stn_dims) if cfg.stn else None,
+            per_image=cfg.pooling == "per_image",
         )
         spec = student.feature_info[0]
         self.adapter = Connector(spec, spec, kernel=3, layers=cfg.adapter_layers)  # shared across levels
@@ -444,13 +503,13 @@ class LGD(Distiller):
         maps = self.teacher_maps(student, targets)
         det, _ = self.student.head_losses(maps, student.images, targets)
         for key, value in det.items():
-            self.stats[f"label_det.{key}"] = float(value.detach())
+            self.stats[f"teacher_det.{key}"] = float(value.detach())
         frozen, distilled = self.phases(step)
         s_maps = [self.adapter(f if distilled else f.detach()) for f in student.features.values()]
         # The teacher learns only from its detection loss; the distillation term never reaches it.
         kd_feat = instance_norm_mse([m.detach() for m in maps.values()], s_maps)
         self.stats.update({"phase.frozen": float(frozen), "phase.distilled": float(distilled)})
-        return {"kd_label_det": torch.stack([v.float() for v in det.values()]).sum(), "kd_feat": kd_feat}
+        return {"loss_teacher_det": torch.stack([v.float() for v in det.values()]).sum(), "kd_feat": kd_feat}
 
     def before_optimizer_step(self, step: int) -> None:
         if self.phases(step)[0]:

@@ -12,6 +12,12 @@ Binarisation (as in Bi-Real Net, arXiv 1808.00278, and IDa-Det's ``BiConv``):
   ``grad_alpha = sum g * b - mu * sum (w - alpha * b) * b``. IDa-Det's code uses ``sum g * w`` for the first part
   of ``grad_alpha`` and a fixed factor 0.02 in front of ``|alpha|``; here ``alpha`` gets its true gradient and
   carries the whole scale.
+- latent-weight gradient scale (``grad_scale``, the run's ``model.binary_grad_scale``): the straight-through part
+  ``g * alpha`` of ``grad_w`` is multiplied by it. Default 1, the true straight-through gradient. IDa-Det's code
+  computes its binary weight as ``0.02 * |s| * sign(w)`` but passes ``g * |s|`` back to ``w``, leaving the 0.02
+  out: with ``alpha = 0.02 * |s|`` that is ``g * alpha / 0.02``, so its value is ``1 / 0.02 = 50`` (the
+  reconstruction part ``mu * (w - alpha * b)`` is the same in both). Under SGD that is a 50x larger step of the
+  latent weights; under Adam mostly a shift of balance against the reconstruction term.
 
 The backbone follows the Bi-Real/ReActNet layout IDa-Det's student uses: a real 7x7 stem (conv, BN, max-pool, no
 ReLU), then 4 stages of 4 blocks, each block ``LearnableBias -> binary 3x3 conv -> BN -> + shortcut -> RPReLU``
@@ -68,21 +74,21 @@ def approx_sign(x: Tensor) -> Tensor:
 
 class _ScaledSign(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, scale: Tensor, mu: float) -> Tensor:
+    def forward(ctx: Any, weight: Tensor, scale: Tensor, mu: float, grad_scale: float) -> Tensor:
         ctx.save_for_backward(weight, scale)
-        ctx.mu = mu
+        ctx.mu, ctx.grad_scale = mu, grad_scale
         return binarize(weight) * scale.view(-1, *([1] * (weight.dim() - 1)))
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         weight, scale = ctx.saved_tensors
         b = binarize(weight)
         alpha = scale.view(-1, *([1] * (weight.dim() - 1)))
         residual = weight - alpha * b  # the reconstruction error of L_R
         dims = tuple(range(1, weight.dim()))
-        grad_w = grad * alpha + ctx.mu * residual
+        grad_w = grad * alpha * ctx.grad_scale + ctx.mu * residual
         grad_scale = (grad * b).sum(dims) - ctx.mu * (residual * b).sum(dims)
-        return grad_w, grad_scale, None
+        return grad_w, grad_scale, None, None
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -91,9 +97,12 @@ class BinaryConv2d(nn.Conv2d):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as :class:`nn.Conv2d`.
         mu: weight of the reconstruction-loss gradient (IDa-Det's ``para_loss``).
+        grad_scale: multiplier of the latent weight's straight-through gradient (1; IDa-Det's code: 50, see the
+            module docstring).
 
     Attributes:
-        scale: per-output-channel ``alpha``, ``[out_channels]`` (1-D, so the optimiser applies no weight decay).
+        scale: per-output-channel ``alpha``, ``[out_channels]`` (1-D, so the optimiser applies no weight decay
+            unless ``optim.decay_norm_bias`` is set).
         binary_activations: sign the input (True); False passes it as is (first step of staged training).
         binary_weights: use ``alpha * sign(w)`` (True); False uses the latent real weights (idem).
     """
@@ -109,9 +118,11 @@ class BinaryConv2d(nn.Conv2d):
         groups: int = 1,
         bias: bool = True,
         mu: float = 1e-4,
+        grad_scale: float = 1.0,
     ):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.mu = mu
+        self.grad_scale = grad_scale
         self.scale = nn.Parameter(self.weight.detach().abs().mean(dim=(1, 2, 3)).clone())
         # Plain attributes, not state: a trained layer is always used fully binary.
         self.binary_activations = True
@@ -119,7 +130,7 @@ class BinaryConv2d(nn.Conv2d):
 
     def binary_weight(self) -> Tensor:
         """``alpha * sign(w)``, ``[out, in / groups, kh, kw]``."""
-        return _ScaledSign.apply(self.weight, self.scale, self.mu)
+        return _ScaledSign.apply(self.weight, self.scale, self.mu, self.grad_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         x = approx_sign(x) if self.binary_activations else x
@@ -127,7 +138,7 @@ class BinaryConv2d(nn.Conv2d):
         return self._conv_forward(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", mu={self.mu}"
+        return super().extra_repr() + f", mu={self.mu}, grad_scale={self.grad_scale}"
 
 
 class LearnableBias(nn.Module):
@@ -247,3 +258,17 @@ def binarize_neck(detector: Detector) -> Detector:
 def binary_modules(model: nn.Module) -> dict[str, BinaryConv2d]:
     """Qualified name -> every :class:`BinaryConv2d` of ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+
+
+def set_binary_grad_scale(model: nn.Module, scale: float) -> int:
+    """Set the latent-weight gradient multiplier of every :class:`BinaryConv2d` of ``model``; returns how many.
+
+    Raises:
+        BuildError: ``scale`` is not positive.
+    """
+    if not scale > 0:
+        raise BuildError(f"model.binary_grad_scale must be > 0, got {scale}")
+    convs = binary_modules(model)
+    for conv in convs.values():
+        conv.grad_scale = float(scale)
+    return len(convs)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkd.models.detr.deformable import FFN, box_heads, valid_ratios
-from detkd.models.detr.neck import MLP, inverse_sigmoid, sine_point_embedding, sine_position
+from detkd.models.detr.neck import MLP, in_fp32, inverse_sigmoid, sine_point_embedding, sine_position
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, key_padding_mask: Tensor | None, dropout: float) -> Tensor:
@@ -179,7 +179,7 @@ class ConditionalTransformer(nn.Module):
         if queries.dim() == 2:
             # A copy, not a view of the parameter: module hooks (FlopCounterMode's) reject views made under no_grad.
             queries = queries[None].repeat(src.shape[0], 1, 1)
-        reference = self.ref_point_head(queries).sigmoid()  # [B, N, 2]
+        reference = in_fp32(self.ref_point_head, queries).sigmoid()  # [B, N, 2], fp32 under autocast too
         sine = sine_point_embedding(reference, self.dim).to(queries.dtype)
         tgt = torch.zeros_like(queries)
         logits, boxes, embeddings = [], [], []
@@ -188,7 +188,7 @@ class ConditionalTransformer(nn.Module):
             query_sine = sine if i == 0 else sine * self.query_scale(tgt)
             tgt = layer(tgt, queries, query_sine, src, pos, mask)
             hidden = self.decoder_norm(tgt)
-            delta = self.bbox_embed(hidden)
+            delta = self.bbox_embed(hidden).float()  # boxes are decoded in fp32
             boxes.append(torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid())
             logits.append(self.class_embed(hidden))
             embeddings.append(hidden)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from detkd.models.detr.ms_deform_attn import MSDeformAttn
-from detkd.models.detr.neck import MLP, inverse_sigmoid, sine_position
+from detkd.models.detr.neck import MLP, in_fp32, inverse_sigmoid, sine_position
 
 
 class FFN(nn.Module):
@@ -217,13 +217,13 @@ class DeformableTransformer(nn.Module):
             # A copy, not a view of the parameter: module hooks (FlopCounterMode's) reject views made under no_grad.
             queries = queries[None].repeat(src.shape[0], 1, 1)
         query_pos, tgt = queries.split(self.dim, -1)
-        reference = self.reference_points(query_pos).sigmoid()  # [B, N, 2]
+        reference = in_fp32(self.reference_points, query_pos).sigmoid()  # [B, N, 2], fp32 under autocast too
         logits, boxes, embeddings = [], [], []
         for i, layer in enumerate(self.decoder):
             scale = ratios if reference.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
             tgt = layer(tgt, query_pos, reference[:, :, None] * scale[:, None], src, shapes, mask)
             head = i if self.box_refine else 0
-            delta = self.bbox_embed[head](tgt)
+            delta = self.bbox_embed[head](tgt).float()  # boxes are decoded in fp32
             if reference.shape[-1] == 4:
                 box = (delta + inverse_sigmoid(reference)).sigmoid()
             else:

@@ -113,6 +113,13 @@ def sine_point_embedding(points: Tensor, channels: int, temperature: float = 100
     return torch.cat([y, x], -1)
 
 
+def in_fp32(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` in fp32 even under autocast: positions (reference points, sampling offsets) are too sensitive
+    for bf16, whose 8-bit mantissa moves a point on a 1000-px map by up to 2 px."""
+    with torch.autocast(x.device.type, enabled=False):
+        return module(x.float())
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
