@@ -29,7 +29,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """The run configuration the CLI builds: defaults, then the YAML file's overrides, then ``key=value`` pairs.
+    """The run configuration the CLI builds: defaults, then the dataset's own settings (``<data.root>/detkd.yaml``,
+    written e.g. by ``detkd data digits``) when it has them, then the YAML file's overrides, then ``key=value`` pairs.
 
     Args:
         path: a YAML file of overrides (e.g. one of ``configs/``), or None for the defaults.
@@ -40,7 +41,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     from detkd.config import load_config as _load
 
-    return _load(path, list(overrides))
+    return _load(path, list(overrides), dataset_settings=True)
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

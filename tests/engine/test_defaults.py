@@ -43,9 +43,9 @@ def test_dataset_settings_sit_between_defaults_and_the_users_layers(digits, tmp_
     assert (cfg.model.preset, cfg.model.min_size, cfg.model.backbone_weights) == ("slim", 64, "none")
     assert layers == ["defaults", str(root / DATASET_SETTINGS), "command line"]
     user = tmp_path / "user.yaml"
-    user.write_text(f"data: {{root: {root}}}\nmodel: {{preset: standard, min_size: 96}}\n")
-    cfg = load_config(user, ["model.min_size=80"], dataset_settings=True, layers=layers)
-    assert (cfg.model.preset, cfg.model.min_size, cfg.model.max_size) == ("standard", 80, 64)
+    user.write_text(f"data: {{root: {root}}}\nmodel: {{preset: standard, min_size: 48}}\n")
+    cfg = load_config(user, ["model.min_size=40"], dataset_settings=True, layers=layers)
+    assert (cfg.model.preset, cfg.model.min_size, cfg.model.max_size) == ("standard", 40, 64)
     assert layers == ["defaults", str(root / DATASET_SETTINGS), str(user), "command line"]
     # Without the flag (the library's load_config), a dataset's file is never read.
     assert load_config(overrides=[f"data.root={root}"]).model.preset == "standard"

@@ -82,7 +82,9 @@ class Bench(Plan):
         self._stopping = False
 
     def ensure_data(self) -> Path:
+        from detkd.config import DATASET_SETTINGS
         from detkd.data import make_digits
+        from detkd.data.digits import write_settings
 
         done = self.data_dir / "annotations" / "instances_val.json"
         if not done.exists():
@@ -96,6 +98,9 @@ class Bench(Plan):
                 self.data_dir,
             )
             make_digits(self.data_dir, train=d.train, val=d.val, size=d.size, seed=d.seed, difficulty=d.difficulty)
+        elif not (self.data_dir / DATASET_SETTINGS).is_file():
+            # Made before datasets carried their settings: without them runs would get the defaults for photographs.
+            write_settings(self.data_dir, self.suite.data.size)
         return self.data_dir
 
     def _launch(self, spec: RunSpec) -> dict[str, Any]:

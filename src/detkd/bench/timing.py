@@ -237,7 +237,7 @@ def time_detectors(data: Path, names: list[str], overrides: list[str], steps: in
     from detkd.distill import DistillModel
     from detkd.models import build_detector
 
-    cfg = load_config(overrides=overrides)
+    cfg = load_config(overrides=[f"data.root={data}", *overrides], dataset_settings=True)
     train_set = build_dataset(data, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
     loader = build_train_loader(train_set, cfg.data.batch_size, seed=1234)
     batches = [next(loader) for _ in range(3)]
