@@ -141,11 +141,9 @@ def _num(value: float | None, fmt: str) -> str:
 
 def write_plots(results: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
     """mAP per row with error bars, and training-loss curves, per pair. Returns pair -> PNG paths."""
-    import matplotlib
+    from detkd.viz import map_bar_chart, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     plots: dict[str, list[Path]] = {}
     table = results.get("table", [])
@@ -153,29 +151,21 @@ def write_plots(results: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
         rows = [e for e in table if e["pair"] == pair["name"] and e["AP"]["mean"] is not None]
         if not rows:
             continue
-        paths = []
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 1.5), 3.2))
-        names = [e["row"] for e in rows]
-        means = [e["AP"]["mean"] for e in rows]
-        stds = [e["AP"]["std"] or 0.0 for e in rows]
         colors = [
             "#555555" if e["kind"] == "teacher" else "#1f77b4" if e["kind"] == "method" else "#aaaaaa" for e in rows
         ]
-        ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
         base = next((e for e in rows if e["row"] == "baseline"), None)
-        if base:
-            ax.axhline(base["AP"]["mean"], color="#aa0000", lw=0.8, ls="--", label="baseline")
-            ax.legend(loc="lower right", fontsize=7)
-        ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
-        ax.set_ylabel("val mAP@[.5:.95]")
-        ax.set_title(f"{pair['name']}: {pair['teacher'] or '(no teacher)'} → {pair['student']}", fontsize=9)
-        lo = min(m - s for m, s in zip(means, stds))
-        ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.03))
-        fig.tight_layout()
-        path = folder / f"{pair['name']}_map.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths = [
+            map_bar_chart(
+                [e["row"] for e in rows],
+                [e["AP"]["mean"] for e in rows],
+                [e["AP"]["std"] or 0.0 for e in rows],
+                folder / f"{pair['name']}_map.png",
+                colors=colors,
+                baseline=base["AP"]["mean"] if base else None,
+                title=f"{pair['name']}: {pair['teacher'] or '(no teacher)'} → {pair['student']}",
+            )
+        ]
 
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
         for rec in results["records"]:
