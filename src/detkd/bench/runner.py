@@ -115,6 +115,8 @@ class Bench(Plan):
         args = spec.args(self.data_dir, out, teacher)
         if (out / "last.pt").exists():
             args.append("--resume")
+        elif (out / "best.pt").exists() or (out / "student.pt").exists():
+            args.append("--overwrite")  # killed after an evaluation but before its first checkpoint: start over
         out.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         start = time.perf_counter()
