@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 
@@ -78,7 +79,10 @@ def test_first_log_line_states_size_preset_and_weights():
 
 
 def records(*sides):
-    return SimpleNamespace(records=[SimpleNamespace(width=w, height=h) for w, h in sides])
+    """A dataset stand-in whose record table holds only the image sizes."""
+    widths = np.array([w for w, _ in sides], dtype=np.int32)
+    heights = np.array([h for _, h in sides], dtype=np.int32)
+    return SimpleNamespace(records=SimpleNamespace(widths=widths, heights=heights))
 
 
 def test_input_size_warning():

@@ -220,7 +220,7 @@ def input_size_warning(dataset: Any, min_size: int) -> str | None:
     """A warning when the network input is less than half the median short side of the training images: the
     detector then sees shrunken images (a default meant for other data, or a forgotten model.min_size)."""
     records = dataset.records
-    if len(records) == 0:
+    if records.widths.size == 0:
         return None
     sides = np.sort(np.minimum(records.widths, records.heights))
     median = int(sides[len(sides) // 2])
