@@ -28,20 +28,20 @@ def _feed(cal: LossCalibration, rows: list[tuple[float, dict[str, float]]], star
 
 
 def test_factors_bring_the_terms_to_the_share_of_the_detection_loss():
-    cal = LossCalibration(iters=2, share=0.5, exclude=["lgd.kd_label_det"])
-    assert cal.factor("a.kd_feat") == 0.0 and cal.factor("lgd.kd_label_det") == 1.0  # measuring: not applied
+    cal = LossCalibration(iters=2, share=0.5, exclude=["x.kd_kept"])
+    assert cal.factor("a.kd_feat") == 0.0 and cal.factor("x.kd_kept") == 1.0  # measuring: not applied
     logged = _feed(
         cal,
         [
-            (2.0, {"a.kd_feat": 100.0, "a.kd_cls": 0.01, "lgd.kd_label_det": 9.0}),
-            (4.0, {"a.kd_feat": 300.0, "a.kd_cls": 0.03, "lgd.kd_label_det": 9.0}),
+            (2.0, {"a.kd_feat": 100.0, "a.kd_cls": 0.01, "x.kd_kept": 9.0}),
+            (4.0, {"a.kd_feat": 300.0, "a.kd_cls": 0.03, "x.kd_kept": 9.0}),
         ],
     )
     assert logged == {}  # the choosing step applied weight 0: nothing to log for it
     # mean detection loss 3, two calibrated terms: each should come to 0.25 * 3 = 0.75 at its mean size.
     assert cal.factor("a.kd_feat") == pytest.approx(0.75 / 200.0)
     assert cal.factor("a.kd_cls") == pytest.approx(0.75 / 0.02)
-    assert cal.factor("lgd.kd_label_det") == 1.0
+    assert cal.factor("x.kd_kept") == 1.0
     # Fixed from now on, whatever the terms do.
     before = dict(cal.factors)
     logged = _feed(cal, [(1.0, {"a.kd_feat": 1e6, "a.kd_cls": 1e6})], start=2)

@@ -117,7 +117,7 @@ class DistillConfig:
     calibrate: Literal["off", "auto"] = "off"
     calibrate_iters: int = 20
     calibrate_share: float = 0.5
-    calibrate_exclude: list[str] = field(default_factory=lambda: ["lgd.kd_label_det"])  # method.term, weight 1
+    calibrate_exclude: list[str] = field(default_factory=list)  # method.term kept at weight 1
 
 
 @dataclass
