@@ -26,7 +26,8 @@ The factor multiplies the user's weights: a term's weight at step ``t`` is
 ``term_weights`` and ``distill.weights`` keep their meaning as relative emphasis on top of the calibrated scale.
 Terms named in ``exclude`` (``method.term``) are not calibrated: they are applied with factor 1 from the first
 step. A method's own training losses (``Distiller.own_losses``, e.g. LGD's ``loss_teacher_det``, the detection loss
-of its label-guided teacher) are no distillation terms and are never calibrated. A term never seen, or with mean 0, during the measurement keeps factor 1.
+of its label-guided teacher) are no distillation terms and are never calibrated. A term never seen, or with mean 0,
+during the measurement keeps factor 1.
 
 Multi-process runs: each rank measures its own batches; the sums and counts are added over ranks (``all_reduce``)
 before the factors are computed, so every rank computes the same factors from the same numbers.
