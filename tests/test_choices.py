@@ -83,4 +83,4 @@ def test_the_choices_checked_here_are_all_the_run_config_declares():
         for f, tp in typing.get_type_hints(cls).items()
         if typing.get_origin(tp) is typing.Literal
     }
-    assert declared == {"data.format", "model.preset", "optim.name", "optim.schedule", "train.amp"}
+    assert declared == {"data.format", "distill.calibrate", "model.preset", "optim.name", "optim.schedule", "train.amp"}

@@ -456,7 +456,7 @@ def add_parser(sub: Any) -> None:
         choices=["reactnet", "real"],
         help="bireal18's first step: binary activations and real weights (reactnet), or all real (real)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the crops and the initialisation (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
