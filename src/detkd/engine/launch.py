@@ -14,7 +14,6 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,21 +36,10 @@ from detkd.engine.hooks import (
 )
 from detkd.engine.trainer import Trainer, amp_dtype
 from detkd.errors import CheckpointError, ConfigError, DataError, DetkdError
+from detkd.methods.base import RunContext
 from detkd.models import Detector, build_detector
 
 log = logging.getLogger("detkd")
-
-
-@dataclass
-class RunContext:
-    """What methods' ``on_epoch_start`` may use: the training data (with eval transforms), device, sizes."""
-
-    dataset: Any
-    device: torch.device
-    batch_size: int
-    iters_per_epoch: int
-    total_iters: int
-    out: Path
 
 
 def select_device(name: str) -> torch.device:
