@@ -127,6 +127,7 @@ def test_kd_dense_known_value():
     t_logits[0, 0, 0] = 0.0  # teacher: one anchor with p = 0.5 in class 0, soft count = 0.5 -> clamped to 1
     s_logits = t_logits.clone()
     s_logits[0, 0, 0] = math.log(3.0)
+
     def dense(logits):
         return DetOutputs({}, DenseHead(logits, torch.zeros(1, 4, 4), [torch.zeros(4, 4)], [4]))
 
