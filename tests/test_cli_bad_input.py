@@ -334,6 +334,10 @@ CASES: dict[str, Case] = {
     ),
     # command line
     "unknown-method": Case(lambda w, t, o: _distill(w, o, w["teacher"], "kd+nope"), "unknown method 'nope'; known: "),
+    "method-bad-choice": Case(
+        lambda w, t, o: _distill(w, o, w["teacher"], "kd", "distill.options.kd.rois=some"),
+        "distill.options.kd.rois: 'some' is not one of 'all', 'positive'",
+    ),
     "method-needs-teacher": Case(
         lambda w, t, o: _distill(w, o, "none"), "method 'kd' needs a teacher (--teacher CKPT)"
     ),

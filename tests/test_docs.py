@@ -18,20 +18,38 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-@pytest.fixture
-def at_method():
-    """The example method of docs/adding-a-method.md, registered for the test and removed afterwards."""
+def doc_method(name: str):
+    """Run the example of docs/adding-a-method.md that registers ``name``; yields the class, then unregisters it."""
     from detkd.methods.base import METHODS
 
-    (code,) = python_blocks(DOCS / "adding-a-method.md")
-    module = types.ModuleType("detkd_doc_at")
+    (code,) = [b for b in python_blocks(DOCS / "adding-a-method.md") if f'name = "{name}"' in b]
+    module = types.ModuleType(f"detkd_doc_{name}")
     sys.modules[module.__name__] = module  # dataclasses look their module up
     try:
         exec(compile(code, "adding-a-method.md", "exec"), module.__dict__)
-        yield METHODS.get("at")
+        yield METHODS.get(name)
     finally:
-        METHODS._items.pop("at", None)
+        METHODS._items.pop(name, None)
         sys.modules.pop(module.__name__, None)
+
+
+@pytest.fixture
+def at_method():
+    """The feature example of docs/adding-a-method.md, registered for the test."""
+    yield from doc_method("at")
+
+
+@pytest.fixture
+def boxkd_method():
+    """The logit/RoI example of docs/adding-a-method.md, registered for the test."""
+    yield from doc_method("boxkd")
+
+
+def test_adding_a_method_example_imports_only_base_outputs_and_shared_parts():
+    allowed = {"detkd.methods.base", "detkd.models.outputs", "detkd.methods.losses", "detkd.methods.connectors"}
+    for code in python_blocks(DOCS / "adding-a-method.md"):
+        modules = set(re.findall(r"^from (detkd\S*) import", code, flags=re.M))
+        assert modules <= allowed | {"detkd.errors"}, modules
 
 
 def test_adding_a_method_example_works(at_method):
@@ -94,3 +112,29 @@ def test_python_api_examples_run(tmp_path, monkeypatch, capsys):
     assert isinstance(namespace["detector"], detkd.Predictor)
     assert set(namespace["result"]) == {"boxes", "scores", "labels", "names"}
     assert bool((namespace["result"]["scores"] >= 0.3).all())
+
+
+@pytest.mark.parametrize("name,space", [("frcnn_r18", "deltas"), ("frcnn_r18", "boxes"), ("retinanet_r18", "deltas")])
+def test_adding_a_method_logit_example_works(boxkd_method, name, space):
+    from detkd.distill import DistillModel, build_distillers
+    from detkd.errors import ConfigError
+    from tests.conftest import make_batch, tiny
+
+    assert boxkd_method.kinds == ("two_stage", "one_stage")
+    student, teacher = tiny(name), tiny(name.replace("r18", "r34"))
+    options = {"boxkd": {"space": space, "min_score": 0.0}}
+    model = DistillModel(student, teacher, build_distillers(["boxkd", "kd"], options, student, teacher)).train()
+    losses, stats = model(*make_batch(), step=0)
+    assert stats["boxkd.distilled"] > 0 and losses["boxkd.kd_box"].item() > 0
+    losses["boxkd.kd_box"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    # Against itself the term is zero; with an impossible confidence nothing is distilled.
+    same = DistillModel(student, student, build_distillers(["boxkd"], options, student, student)).eval()
+    with torch.no_grad():
+        batch, targets = student.preprocess(*make_batch())
+        s_out, t_out = student(batch, targets), same.run_teacher(batch)
+        same.share_rois(s_out, t_out)
+        assert same.distillers["boxkd"](s_out, t_out, targets, 0)["kd_box"].item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ConfigError, match=r"distill\.options\.boxkd\.space: 'corners' is not one of"):
+        build_distillers(["boxkd"], {"boxkd": {"space": "corners"}}, student, teacher)

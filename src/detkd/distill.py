@@ -1,11 +1,9 @@
 """DistillModel: student + frozen teacher + distillers, with all loss weighting in one place.
 
 Plain training is the same object with no teacher and no distillers, so ``detkd train`` and
-``detkd distill`` share one loop, one checkpoint format and one evaluation.
-
-The package attribute ``detkd.distill`` is this module, and calling it runs the Python API's
-:func:`detkd.api.distill` (``detkd.distill(cfg, out)``): a submodule and a package function cannot share a name
-otherwise, since importing the submodule rebinds the attribute.
+``detkd distill`` share one loop, one checkpoint format and one evaluation. It also runs, once per batch, what
+several distillers may share: the teacher's whole forward (``Distiller.needs_teacher_head``) and the teacher's box
+head on the student's RoIs (``Distiller.needs_shared_rois``, handed over as ``DetOutputs.on_student_rois``).
 """
 
 from __future__ import annotations
@@ -22,24 +20,43 @@ from torchvision.models.detection.image_list import ImageList
 from detkd.calibration import LossCalibration
 from detkd.errors import BuildError, ConfigError
 from detkd.methods.base import METHODS, Distiller
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.models.outputs import Detector, DetOutputs, RoIHeadDetector, RoIOutputs, TwoStageHead
+
+
+@torch.no_grad()
+def share_rois(teacher: Detector, student_out: DetOutputs, teacher_out: DetOutputs) -> None:
+    """Region proposal sharing: run the teacher's box head on the student's sampled RoIs and store the result in
+    ``teacher_out.on_student_rois`` (once per batch, whatever the number of distillers reading it)."""
+    head = student_out.head
+    if teacher_out.on_student_rois is not None or not isinstance(head, TwoStageHead) or head.rois is None:
+        return
+    logits, deltas = teacher.roi_forward(teacher_out.features, head.rois, student_out.image_sizes)
+    teacher_out.on_student_rois = RoIOutputs(logits, deltas)
 
 
 class StudentWithDistillers(nn.Module):
     """The trainable part (student + distillers' own modules): the only module wrapped in DDP.
 
-    Its forward runs everything that produces gradients, so DDP sees every used parameter.
+    Its forward runs everything that produces gradients, so DDP sees every used parameter, and the shared-RoI pass
+    of the teacher, which needs the student's RoIs.
     """
 
-    def __init__(self, student: Detector, distillers: dict[str, Distiller]):
+    def __init__(self, student: Detector, distillers: dict[str, Distiller], teacher: Detector | None = None):
         super().__init__()
         self.student = student
         self.distillers = nn.ModuleDict(distillers)
+        # A tuple keeps the teacher out of this module's parameters and state dict.
+        self._teacher = (teacher,)
+        self.shared_rois = teacher is not None and any(d.needs_shared_rois() for d in distillers.values())
+        if self.shared_rois and not isinstance(teacher, RoIHeadDetector):
+            raise BuildError(f"proposal sharing needs a teacher with a RoI head; {teacher.spec['name']} lacks one")
 
     def forward(
         self, images: ImageList, targets: list[dict[str, Tensor]], teacher: DetOutputs | None, step: int
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
         s_out = self.student(images, targets)
+        if self.shared_rois and teacher is not None:
+            share_rois(self._teacher[0], s_out, teacher)
         terms: dict[str, Tensor] = {}
         stats: dict[str, float] = {}
         for name, distiller in self.distillers.items():
@@ -80,7 +97,7 @@ class DistillModel(nn.Module):
     ):
         super().__init__()
         distillers = distillers or {}
-        self.trainable_module = StudentWithDistillers(student, distillers)
+        self.trainable_module = StudentWithDistillers(student, distillers, teacher)
         self.teacher = teacher
         if teacher is not None:
             teacher.eval()
@@ -90,7 +107,7 @@ class DistillModel(nn.Module):
         self.iters_per_epoch = iters_per_epoch
         self.calibration = calibration
         self.task_weight = float(task_weight)
-        self._teacher_head = any(d.teacher_head for d in distillers.values())  # instance value: may depend on kind
+        self.teacher_head = any(d.needs_teacher_head() for d in distillers.values())
         # The module whose forward is called for the trainable part; the trainer may swap in a DDP wrapper.
         self.trainable_forward: nn.Module = self.trainable_module
 
@@ -112,7 +129,7 @@ class DistillModel(nn.Module):
     def run_teacher(self, images: ImageList) -> DetOutputs | None:
         if self.teacher is None:
             return None
-        if self._teacher_head:
+        if self.teacher_head:
             return self.teacher(images, None)
         return DetOutputs(
             self.teacher.extract(images),
@@ -120,6 +137,12 @@ class DistillModel(nn.Module):
             batch_shape=tuple(images.tensors.shape[-2:]),
             images=images,
         )
+
+    def share_rois(self, student_out: DetOutputs, teacher_out: DetOutputs | None) -> None:
+        """Fill ``teacher_out.on_student_rois`` when a distiller needs it, for callers that run the student and
+        teacher themselves (pictures, tests); :meth:`forward` does it on its own."""
+        if self.trainable_module.shared_rois and teacher_out is not None:
+            share_rois(self.teacher, student_out, teacher_out)
 
     def schedule_factors(self, step: int) -> dict[str, float]:
         return {
@@ -185,11 +208,11 @@ def build_distillers(
         cls = METHODS.get(name)
         if cls.needs_teacher and teacher is None:
             raise BuildError(f"method {name!r} needs a teacher (--teacher CKPT)")
-        if student.kind not in cls.kinds:
+        if student.head_type not in cls.heads:
             raise BuildError(
                 f"method {name!r} supports {', '.join(cls.kinds)} students; {student.spec['name']} is {student.kind}"
             )
-        if teacher is not None and cls.needs_teacher and teacher.kind not in cls.kinds:
+        if teacher is not None and cls.needs_teacher and teacher.head_type not in cls.heads:
             raise BuildError(
                 f"method {name!r} supports {', '.join(cls.kinds)} teachers; {teacher.spec['name']} is {teacher.kind}"
             )

@@ -109,6 +109,7 @@ def method_pictures(run: Path, cfg: Any, dataset: Any, out: Path) -> list[Path]:
         batch, tgts = student.preprocess(list(images), list(targets))
         t_out = model.run_teacher(batch)
         s_out = student(batch, tgts)
+        model.share_rois(s_out, t_out)
         first = unnormalize(batch.tensors[0], student.transform.image_mean, student.transform.image_std)
         paths = []
         for name, distiller in distillers.items():

@@ -180,7 +180,7 @@ def test_faster_rcnn_proposals_stay_fp32_under_bf16():
     batch, targets = student.preprocess(*make_batch(2, empty_last=False))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = student(batch, targets)
-    assert all(p.dtype == torch.float32 for p in out.head["proposals"])
+    assert all(p.dtype == torch.float32 for p in out.head.proposals)
 
 
 def test_losses_reduce_in_fp32_under_fp16_autocast():

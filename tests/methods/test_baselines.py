@@ -12,7 +12,7 @@ from detkd.methods.defeat import split_mean
 from detkd.methods.fgfi import imitation_masks
 from detkd.methods.kd import dense_soft_count
 from detkd.methods.losses import bernoulli_kl, box_masks, masked_mse, softmax_kl
-from detkd.models.outputs import DetOutputs, FeatureSpec
+from detkd.models.outputs import DenseHead, DetOutputs, FeatureSpec
 
 
 def test_softmax_kl_known_value_and_zero():
@@ -127,6 +127,10 @@ def test_kd_dense_known_value():
     t_logits[0, 0, 0] = 0.0  # teacher: one anchor with p = 0.5 in class 0, soft count = 0.5 -> clamped to 1
     s_logits = t_logits.clone()
     s_logits[0, 0, 0] = math.log(3.0)
-    out = kd(DetOutputs({}, {"cls_logits": s_logits}), DetOutputs({}, {"cls_logits": t_logits}), [], 0)
+
+    def dense(logits):
+        return DetOutputs({}, DenseHead(logits, torch.zeros(1, 4, 4), [torch.zeros(4, 4)], [4]))
+
+    out = kd(dense(s_logits), dense(t_logits), [], 0)
     expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
     assert out["kd_cls"].item() == pytest.approx(expected, abs=1e-5)

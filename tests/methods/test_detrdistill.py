@@ -168,13 +168,11 @@ def test_query_prior_group_is_supervised_with_the_teachers_assignment():
     assert set(terms) == {"kd_ad_cls", "kd_ad_bbox", "kd_ad_giou"}
     sizes = image_wh(s_out.image_sizes)
     gt = normalize_targets(targets, s_out.image_sizes)
-    group = model.student.decode(s_out.head["memory"], t_out.head["query_embed"])
+    group = model.student.decode(s_out.head.memory, t_out.head.query_embed)
     expected, differs = [0.0] * 3, False
     for ks, kt in distiller.pairs:
         logits, boxes = group["logits"][ks], group["boxes"][ks]
-        t_assignment = model.teacher.match(
-            t_out.head["logits"][kt], t_out.head["boxes"][kt], targets, s_out.image_sizes
-        )
+        t_assignment = model.teacher.match(t_out.head.logits[kt], t_out.head.boxes[kt], targets, s_out.image_sizes)
         own = model.student.match(logits, boxes, targets, s_out.image_sizes)
         assert len(t_assignment[0][0]) == 2 and len(t_assignment[1][0]) == 0
         differs |= not torch.equal(own[0][0], t_assignment[0][0])
@@ -188,8 +186,8 @@ def test_query_prior_group_is_supervised_with_the_teachers_assignment():
     # FD's "memory" source: the encoder output cut back into levels, cell (y, x) of p4 is row start + y * W + x.
     maps = memory_maps(s_out, model.student)
     assert {k: v.shape for k, v in maps.items()} == {k: v.shape for k, v in s_out.features.items()}
-    start, width = int(s_out.head["memory"]["level_start_index"][1]), maps["p4"].shape[-1]
-    assert torch.equal(maps["p4"][1, :, 2, 3], s_out.head["memory"]["memory"][1, start + 2 * width + 3])
+    start, width = int(s_out.head.memory["level_start_index"][1]), maps["p4"].shape[-1]
+    assert torch.equal(maps["p4"][1, :, 2, 3], s_out.head.memory["memory"][1, start + 2 * width + 3])
 
 
 def test_same_detector_gives_zero_logits_and_feature_terms():

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detkd.distill import DistillModel
-from detkd.engine.launch import RunContext
+from detkd.distill import DistillModel, share_rois
+from detkd.methods.base import RunContext
 from detkd.methods.gkd import (
     GKD,
     GKDConfig,
@@ -238,7 +238,9 @@ def outputs(student, teacher, images, targets, teacher_head=False):
     batch, resized = student.preprocess(images, targets)
     with torch.no_grad():
         t_out = teacher(batch, None) if teacher_head else teacher.run_teacher(batch)
-    return student(batch, resized), t_out, resized
+    s_out = student(batch, resized)
+    share_rois(teacher, s_out, t_out)  # a no-op unless the student is two-stage, as in DistillModel
+    return s_out, t_out, resized
 
 
 def run(gkd, s_out, t_out, targets, step=50):
@@ -400,7 +402,7 @@ def test_retinanet_with_ground_truth_or_anchor_instances():
     for gkd, instances in ((by_gt, "gt"), (by_anchor, "anchors")):
         terms, stats = run(gkd, s_out, t_out, targets)
         assert all(torch.isfinite(v) for v in terms.values())
-        positives = int(sum((m >= 0).sum() for m in s_out.head["matched_idxs"]))
+        positives = int(sum((m >= 0).sum() for m in s_out.head.matched_idxs))
         assert stats["positives"] == positives > 0
         assert stats["instances"] == (2 if instances == "gt" else positives)  # image 0 has 2 boxes
         assert stats["r_p3"] == pytest.approx(1.0) and stats["r_cls"] == pytest.approx(1.0)

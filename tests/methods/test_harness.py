@@ -57,7 +57,7 @@ def run_context(model):
         def __getitem__(self, i):
             return self.images[i], self.targets[i]
 
-    from detkd.engine.launch import RunContext
+    from detkd.methods.base import RunContext
 
     context = RunContext(Tiny(), torch.device("cpu"), 2, 10, TOTAL, None)
     for d in model.distillers.values():

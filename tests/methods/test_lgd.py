@@ -9,7 +9,8 @@ import torch
 
 from detkd.config import OptimConfig
 from detkd.distill import DistillModel, build_distillers
-from detkd.engine.launch import RunContext, build_optimizer
+from detkd.engine.launch import build_optimizer
+from detkd.methods.base import RunContext
 from detkd.methods.lgd import (
     LGDConfig,
     cell_masks,

@@ -15,7 +15,7 @@ from detkd.config import from_dict
 from detkd.distill import DistillModel, build_distillers
 from detkd.errors import ConfigError
 from detkd.methods.tar import TARConfig, gaussian_masks, pairwise_iou, regression_gate
-from detkd.models.outputs import DetOutputs
+from detkd.models.outputs import DetOutputs, RoIOutputs, TwoStageHead
 from tests.conftest import make_batch, tiny
 
 # ------------------------------------------------------------------------------------------------ Gaussian mask
@@ -116,7 +116,9 @@ def test_kd_reg_on_hand_made_rois_uses_only_gated_rois_and_teacher_deltas(tau):
     t_feats = {k: v.clone() for k, v in feats.items()}
     s_out = DetOutputs(
         features=feats,
-        head=dict(
+        head=TwoStageHead(
+            [],
+            [],
             rois=[rois],
             roi_labels=[labels],
             roi_matched_gt=[gt.repeat(4, 1)],
@@ -125,7 +127,7 @@ def test_kd_reg_on_hand_made_rois_uses_only_gated_rois_and_teacher_deltas(tau):
         ),
         image_sizes=[(64, 64)],
     )
-    t_out = DetOutputs(features=t_feats, head={"shared_roi_outputs": (t_logits, t_d.reshape(4, -1))})
+    t_out = DetOutputs(features=t_feats, on_student_rois=RoIOutputs(t_logits, t_d.reshape(4, -1)))
     targets = [{"boxes": gt, "labels": torch.tensor([2])}]
     terms = tar(s_out, t_out, targets, step=0)
 
@@ -247,6 +249,7 @@ def test_visualize_returns_pictures(kind):
     batch, targets = student.preprocess(images, targets)
     t_out = model.run_teacher(batch)
     s_out = student(batch, targets)
+    model.share_rois(s_out, t_out)
     tar = model.distillers["tar"]
     pictures = tar.visualize(images[0], s_out, t_out, targets)
     expected = {"gaussian_mask", "gated_rois"} if kind == "two_stage" else {"gaussian_mask"}

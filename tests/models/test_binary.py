@@ -137,9 +137,9 @@ def test_packed_export_gives_identical_outputs(tmp_path):
         # The RPN and box head, on the same features.
         _, ha = model.head_losses(a, batch, None)
         _, hb = loaded.head_losses(a, batch, None)
-        assert all(torch.equal(x, y) for x, y in zip(ha["proposal_scores"], hb["proposal_scores"]))
-        logits_a, _ = model.roi_forward(a, ha["proposals"], batch.image_sizes)
-        logits_b, _ = loaded.roi_forward(a, ha["proposals"], batch.image_sizes)
+        assert all(torch.equal(x, y) for x, y in zip(ha.proposal_scores, hb.proposal_scores))
+        logits_a, _ = model.roi_forward(a, ha.proposals, batch.image_sizes)
+        logits_b, _ = loaded.roi_forward(a, ha.proposals, batch.image_sizes)
         assert torch.equal(logits_a, logits_b)
 
 

@@ -48,16 +48,16 @@ def test_two_stage_head_outputs_are_consistent():
     batch, targets = model.preprocess(images, targets)
     out = model(batch, targets)
     head = out.head
-    n_rois = sum(len(r) for r in head["rois"])
-    assert head["roi_logits"].shape == (n_rois, 4)
-    assert head["roi_deltas"].shape == (n_rois, 16)
-    labels = torch.cat(head["roi_labels"])
-    matched = torch.cat(head["roi_matched_idxs"])
+    n_rois = sum(len(r) for r in head.rois)
+    assert head.roi_logits.shape == (n_rois, 4)
+    assert head.roi_deltas.shape == (n_rois, 16)
+    labels = torch.cat(head.roi_labels)
+    matched = torch.cat(head.roi_matched_idxs)
     assert ((labels > 0) == (matched >= 0)).all()
     # roi_forward on the same RoIs reproduces the head's own logits.
-    logits, deltas = model.roi_forward(out.features, head["rois"], out.image_sizes)
-    assert torch.allclose(logits, head["roi_logits"], atol=1e-5)
-    assert len(head["proposals"]) == 2 and len(head["proposal_scores"][0]) == len(head["proposals"][0])
+    logits, deltas = model.roi_forward(out.features, head.rois, out.image_sizes)
+    assert torch.allclose(logits, head.roi_logits, atol=1e-5)
+    assert len(head.proposals) == 2 and len(head.proposal_scores[0]) == len(head.proposals[0])
 
 
 def test_one_stage_head_outputs():
@@ -65,10 +65,10 @@ def test_one_stage_head_outputs():
     images, targets = make_batch(n=2)
     out = model(*model.preprocess(images, targets))
     head = out.head
-    a = sum(head["num_anchors_per_level"])
-    assert head["cls_logits"].shape == (2, a, 4)
-    assert head["bbox_regression"].shape == (2, a, 4)
-    assert len(head["matched_idxs"]) == 2 and (head["matched_idxs"][1] == -1).all()
+    a = sum(head.num_anchors_per_level)
+    assert head.cls_logits.shape == (2, a, 4)
+    assert head.bbox_regression.shape == (2, a, 4)
+    assert len(head.matched_idxs) == 2 and (head.matched_idxs[1] == -1).all()
 
 
 @pytest.mark.parametrize("name", FAMILIES)

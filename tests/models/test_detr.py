@@ -158,12 +158,12 @@ def test_detector_contract(name):
         assert out.features[spec.name].shape[1] == spec.channels
         assert out.features[spec.name].shape[-1] == -(-batch.tensors.shape[-1] // spec.stride)
     head, layers, queries = out.head, model.num_layers, model.transformer.query_embed.num_embeddings
-    assert head["logits"].shape == (layers, 2, queries, 3)
-    assert head["boxes"].shape == (layers, 2, queries, 4) and 0 <= head["boxes"].min() <= head["boxes"].max() <= 1
-    assert head["embeddings"].shape == (layers, 2, queries, model.hidden_dim)
-    assert head["query_embed"].shape == (queries, model.query_dim)
+    assert head.logits.shape == (layers, 2, queries, 3)
+    assert head.boxes.shape == (layers, 2, queries, 4) and 0 <= head.boxes.min() <= head.boxes.max() <= 1
+    assert head.embeddings.shape == (layers, 2, queries, model.hidden_dim)
+    assert head.query_embed.shape == (queries, model.query_dim)
     # Two GT boxes in image 0, none in image 1, matched at every layer.
-    for assignment in head["assignments"]:
+    for assignment in head.assignments:
         assert len(assignment[0][0]) == 2 and len(assignment[1][0]) == 0
     assert set(out.losses) == {"loss_cls", "loss_bbox", "loss_giou"}
     assert all(torch.isfinite(v) for v in out.losses.values())
@@ -181,11 +181,11 @@ def test_decode_with_own_queries_reproduces_head(name):
     images, _ = make_batch(n=2)
     batch, _ = model.preprocess(images)
     out = model(batch)
-    again = model.decode(out.head["memory"], out.head["query_embed"])
+    again = model.decode(out.head.memory, out.head.query_embed)
     for key in ("logits", "boxes", "embeddings"):
-        assert torch.allclose(again[key], out.head[key], atol=1e-5)
+        assert torch.allclose(again[key], getattr(out.head, key), atol=1e-5)
     # Fewer, batch-specific queries are fine too.
-    some = model.decode(out.head["memory"], out.head["query_embed"][None, :7].expand(2, -1, -1))
+    some = model.decode(out.head.memory, out.head.query_embed[None, :7].expand(2, -1, -1))
     assert some["boxes"].shape == (model.num_layers, 2, 7, 4)
 
 
@@ -215,8 +215,8 @@ def test_match_uses_preprocessed_pixel_targets():
     images, targets = make_batch(n=1, empty_last=False)
     batch, targets = model.preprocess(images, targets)
     out = model(batch, targets)
-    again = model.match(out.head["logits"][-1], out.head["boxes"][-1], targets, list(batch.image_sizes))
-    (pred, gt), (pred_own, gt_own) = again[0], out.head["assignments"][-1][0]
+    again = model.match(out.head.logits[-1], out.head.boxes[-1], targets, list(batch.image_sizes))
+    (pred, gt), (pred_own, gt_own) = again[0], out.head.assignments[-1][0]
     assert torch.equal(pred, pred_own) and torch.equal(gt, gt_own)
     norm = normalize_targets(targets, list(batch.image_sizes))[0]
     assert torch.allclose(norm["boxes"][0], torch.tensor([17.0, 17.0, 26.0, 22.0]) / 64)

@@ -45,21 +45,10 @@ from detkd.engine.hooks import (
 from detkd.engine.rundir import check_run_folder, clear_run_folder, finished_summary
 from detkd.engine.trainer import Hook, Trainer
 from detkd.errors import CheckpointError, ConfigError, DataError, DetkdError
+from detkd.methods.base import RunContext
 from detkd.models import Detector, build_detector
 
 log = logging.getLogger("detkd")
-
-
-@dataclass
-class RunContext:
-    """What methods' ``on_epoch_start`` may use: the training data (with eval transforms), device, sizes."""
-
-    dataset: Any
-    device: torch.device
-    batch_size: int
-    iters_per_epoch: int
-    total_iters: int
-    out: Path
 
 
 def select_device(name: str) -> torch.device:

@@ -1,21 +1,52 @@
-"""The distiller interface every method implements, and the registry of methods.
+"""The distiller interface every method implements, the run context it is given, and the registry of methods.
 
-A method is one :class:`Distiller` subclass in one file. It is built from its own ``Config`` dataclass and
-the student and teacher detectors (it reads their ``feature_info`` to size its adapters, and may re-run parts
-of them: ``teacher.roi_forward`` on the student's RoIs, ``student.head_losses`` on other maps). Its
+A method is one :class:`Distiller` subclass in one file, written against this file and ``models/outputs.py``
+(the typed head outputs and the detector protocols). It is built from its own ``Config`` dataclass and the
+student and teacher detectors (it reads their ``feature_info`` to size its adapters, and may re-run parts of them
+through the protocols: ``student.head_losses`` on other maps, ``decode_boxes``, ``level_anchors``...). Its
 ``forward`` returns **unweighted** ``kd_<term>`` tensors; weights and schedules are applied by
 :class:`detkd.distill.DistillModel`, in one place. Numbers worth watching go to ``self.stats``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.data.sampling import subset_batches
+from detkd.models.outputs import DenseHead, Detector, DetOutputs, Head, TwoStageHead
 from detkd.registry import Registry
+
+
+@dataclass
+class RunContext:
+    """What a run gives methods' ``on_epoch_start``: the training data and the run's sizes.
+
+    Attributes:
+        dataset: the training set with evaluation transforms (no augmentation): ``dataset[i]`` is
+            ``(image [3, H, W] in [0, 1], target)``; ``detkd.data.sampling`` reads its annotations cheaply.
+        device: where the detectors live.
+        batch_size: images per training batch (also the batch size of :meth:`batches`).
+        iters_per_epoch: training iterations per pass over the data.
+        total_iters: length of the run in iterations.
+        out: the run folder, or None.
+    """
+
+    dataset: Any
+    device: torch.device
+    batch_size: int
+    iters_per_epoch: int
+    total_iters: int
+    out: Path | None = None
+
+    def batches(self, indices: list[int]) -> Iterator[list[tuple[Tensor, dict[str, Tensor]]]]:
+        """The items ``dataset[i]`` for ``i`` in ``indices``, in order, ``batch_size`` at a time (on the CPU)."""
+        return subset_batches(self.dataset, indices, max(1, int(self.batch_size)))
 
 
 @dataclass
@@ -28,8 +59,8 @@ class ScheduleConfig:
     """
 
     warmup_iters: int = 0
-    decay: str = "none"  # none | linear | step
-    decay_unit: str = "iter"  # iter | epoch
+    decay: Literal["none", "linear", "step"] = "none"
+    decay_unit: Literal["iter", "epoch"] = "iter"
     decay_steps: list[float] = field(default_factory=list)
     decay_gamma: float = 0.1
     start_iter: int = 0
@@ -67,11 +98,14 @@ class Distiller(nn.Module):
     Class attributes:
         name: the method's key (``--method NAME``).
         summary: one line for ``detkd list methods``.
-        Config: the method's config dataclass (a :class:`MethodConfig` subclass).
+        Config: the method's config dataclass (a :class:`MethodConfig` subclass); choices are ``Literal`` fields,
+            checked when the config is loaded.
         needs_teacher: False for teacher-free methods.
-        teacher_head: True if the teacher's head outputs (proposals, dense logits...) are needed, not only its
-            features.
-        kinds: student kinds the method supports (``two_stage``, ``one_stage``, ``detr``).
+        heads: the head types (``models/outputs.py``) of the students the method handles; ``forward`` dispatches
+            on ``isinstance(student.head, ...)``. The teacher has the same head type when the method reads its
+            head; feature-only methods take any teacher.
+        kinds: derived from ``heads``: their ``kind`` strings (``two_stage``, ``one_stage``, ``detr``), for
+            messages and listings.
         benchmark_goal: True puts the method in the benchmark's goals table (``detkd bench``): its row must beat
             the student baseline by more than twice the baseline's seed spread.
         paper_gap_closed: the share of the teacher-student mAP gap the method's paper reports closing (1.0 = the
@@ -89,12 +123,16 @@ class Distiller(nn.Module):
     summary: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_teacher: ClassVar[bool] = True
-    teacher_head: ClassVar[bool] = False
+    heads: ClassVar[tuple[type[Head], ...]] = (TwoStageHead, DenseHead)
     kinds: ClassVar[tuple[str, ...]] = ("two_stage", "one_stage")
     benchmark_goal: ClassVar[bool] = False
     paper_gap_closed: ClassVar[float | None] = None
     has_unused_parameters: ClassVar[bool] = False
     own_losses: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.kinds = tuple(h.kind for h in cls.heads)
 
     def __init__(self, cfg: MethodConfig, student: Detector, teacher: Detector | None):
         super().__init__()
@@ -112,6 +150,16 @@ class Distiller(nn.Module):
     def teacher(self) -> Detector | None:
         return self._models[1]
 
+    def needs_teacher_head(self) -> bool:
+        """True if ``forward`` reads the teacher's head outputs (proposals, dense logits...), not only its
+        features; DistillModel then runs the teacher's whole training forward (without targets)."""
+        return False
+
+    def needs_shared_rois(self) -> bool:
+        """True if ``forward`` reads ``teacher.on_student_rois``: the teacher's box head on the student's sampled
+        RoIs (region proposal sharing), which DistillModel computes once per batch for all distillers."""
+        return False
+
     def forward(
         self, student: DetOutputs, teacher: DetOutputs | None, targets: list[dict[str, Tensor]], step: int
     ) -> dict[str, Tensor]:
@@ -123,8 +171,9 @@ class Distiller(nn.Module):
         to the default group. E.g. LGD trains its label-guided teacher with its own group."""
         return []
 
-    def on_epoch_start(self, epoch: int, context: Any) -> None:
-        """Called before each epoch (and before training) with the training context; e.g. GKD's prototypes."""
+    def on_epoch_start(self, epoch: int, context: RunContext | None) -> None:
+        """Called before each epoch (and before training) with the run context (None outside a run, e.g. in a
+        bare ``DistillModel``); e.g. GKD's prototypes, LGD's phases."""
 
     def before_optimizer_step(self, step: int) -> None:
         """Called after backward and before the optimiser step; e.g. LGD drops the student backbone's

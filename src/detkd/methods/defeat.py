@@ -25,9 +25,8 @@ from torch import Tensor
 
 from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import build_connectors
-from detkd.methods.kd import check_logit_pair
-from detkd.methods.losses import bernoulli_kl, box_masks, shared_roi_outputs, softmax_kl
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.methods.losses import bernoulli_kl, box_masks, check_logit_pair, softmax_kl
+from detkd.models.outputs import DenseHead, Detector, DetOutputs, TwoStageHead
 
 
 @dataclass
@@ -58,7 +57,12 @@ class DeFeat(Distiller):
         super().__init__(cfg, student, teacher)
         self.connectors = build_connectors(student.feature_info, teacher.feature_info, cfg.levels, cfg.kernel)
         check_logit_pair(student, teacher, "defeat")
-        self.teacher_head = student.kind == "one_stage"
+
+    def needs_teacher_head(self) -> bool:
+        return self.student.head_type is DenseHead
+
+    def needs_shared_rois(self) -> bool:
+        return self.student.head_type is TwoStageHead
 
     def forward(
         self, student: DetOutputs, teacher: DetOutputs | None, targets: list[dict[str, Tensor]], step: int
@@ -76,18 +80,18 @@ class DeFeat(Distiller):
         self.stats["fg_coverage"] = sum(coverage) / len(coverage)
         terms = {"kd_feat_fg": torch.stack(fg).mean(), "kd_feat_bg": torch.stack(bg).mean()}
 
-        if self.student.kind == "two_stage":
-            t_logits, _ = shared_roi_outputs(self.teacher, student, teacher)
-            s_logits = student.head["roi_logits"]
-            positive = torch.cat(student.head["roi_labels"]) > 0
+        head = student.head
+        if isinstance(head, TwoStageHead):
+            s_logits, t_logits = head.roi_logits, teacher.on_student_rois.logits
+            positive = torch.cat(head.roi_labels) > 0
             pos_kl = softmax_kl(s_logits, t_logits, self.cfg.temperature_pos)
             neg_kl = softmax_kl(s_logits, t_logits, self.cfg.temperature_neg)
             terms["kd_cls_pos"], _ = split_mean(pos_kl, positive)
             _, terms["kd_cls_neg"] = split_mean(neg_kl, positive)
             self.stats["positive_rois"] = float(positive.sum())
         else:
-            s_logits, t_logits = student.head["cls_logits"], teacher.head["cls_logits"]
-            centres = torch.stack([(a[:, :2] + a[:, 2:]) / 2 for a in student.head["anchors"]])  # [B, A, 2]
+            s_logits, t_logits = head.cls_logits, teacher.head.cls_logits
+            centres = head.anchor_centres()  # [B, A, 2]
             positive = torch.zeros(centres.shape[:2], dtype=torch.bool, device=centres.device)
             for i, b in enumerate(boxes):
                 if len(b):

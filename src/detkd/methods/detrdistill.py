@@ -82,7 +82,7 @@ from detkd.models.detr.matcher import (
     solve,
 )
 from detkd.models.detr.neck import level_masks, padding_mask
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.models.outputs import Detector, DetOutputs, SetDetector, SetHead
 
 DEFAULT_WEIGHTS = {
     "kd_ld_cls": 1.0,
@@ -96,14 +96,12 @@ DEFAULT_WEIGHTS = {
     "kd_ad_giou": 2.0,
     "kd_contrast": 0.2,
 }
-MODES = ("soft_all", "pos_neg")
-FD_SOURCES = ("neck", "memory")
 
 
 @dataclass
 class DETRDistillConfig(MethodConfig):
     term_weights: dict[str, float] = field(default_factory=dict)  # merged over DEFAULT_WEIGHTS
-    mode: str = "soft_all"  # soft_all | pos_neg
+    mode: Literal["soft_all", "pos_neg"] = "soft_all"
     ld_cost: list[float] = field(default_factory=lambda: [1.0, 5.0, 2.0])  # class, L1, GIoU
     clamp_teacher_boxes: bool = True
     use_ld: bool = True
@@ -112,12 +110,12 @@ class DETRDistillConfig(MethodConfig):
     use_query_contrast: bool = True
     fd_topk: int = 100
     fd_floor: float = 0.01
-    fd_source: str = "neck"  # neck | memory
+    fd_source: Literal["neck", "memory"] = "neck"
     fd_levels: list[str] | None = None
     fd_kernel: int | None = None
     mask_padding: bool = False
     ad_projection: bool = False
-    layer_mapping: str = "last"  # last | first
+    layer_mapping: Literal["last", "first"] = "last"
     teacher_layers: list[int] | None = None
     contrast_dim: int = 512
     contrast_temperature: float = 0.07
@@ -338,7 +336,7 @@ def masked_feature_loss(s_feat: Tensor, t_feat: Tensor, mask: Tensor, valid: Ten
 
 def memory_maps(out: DetOutputs, detector: Detector) -> dict[str, Tensor]:
     """The encoder output of a DETR cut back into its levels: level name -> ``[B, d, H, W]``."""
-    memory = out.head["memory"]
+    memory = out.head.memory
     shapes = memory["spatial_shapes"]
     parts = memory["memory"].split([h * w for h, w in shapes], dim=1)
     return {
@@ -374,19 +372,12 @@ class DETRDistill(Distiller):
     name = "detrdistill"
     summary = "Hungarian-matched logits, query-masked features, teacher-query assignment group (Chang et al. ICCV 2023)"
     Config = DETRDistillConfig
-    teacher_head = True
-    kinds = ("detr",)
+    heads = (SetHead,)
     benchmark_goal = True
     paper_gap_closed = 3.0  # the paper reports more than 300%
 
-    def __init__(self, cfg: DETRDistillConfig, student: Detector, teacher: Detector | None):
+    def __init__(self, cfg: DETRDistillConfig, student: SetDetector, teacher: SetDetector | None):
         super().__init__(cfg, student, teacher)
-        if cfg.mode not in MODES:
-            raise ConfigError(f"distill.options.detrdistill.mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-        if cfg.fd_source not in FD_SOURCES:
-            raise ConfigError(
-                f"distill.options.detrdistill.fd_source must be one of {', '.join(FD_SOURCES)}, got {cfg.fd_source!r}"
-            )
         if len(cfg.ld_cost) != 3:
             raise ConfigError("distill.options.detrdistill.ld_cost needs three weights: class, L1, GIoU")
         defaults = dict(DEFAULT_WEIGHTS, kd_ld_cls=2.0) if cfg.mode == "pos_neg" else DEFAULT_WEIGHTS
@@ -422,17 +413,20 @@ class DETRDistill(Distiller):
             self.contrast_student = ProjectionHead(student.hidden_dim, cfg.contrast_dim)
             self.contrast_teacher = ProjectionHead(teacher.hidden_dim, cfg.contrast_dim)
 
+    def needs_teacher_head(self) -> bool:
+        return True
+
     def forward(
         self, student: DetOutputs, teacher: DetOutputs | None, targets: list[dict[str, Tensor]], step: int
     ) -> dict[str, Tensor]:
         cfg = self.cfg
         s_head, t_head = student.head, teacher.head
-        sizes = image_wh(student.image_sizes, s_head["logits"].device)
+        sizes = image_wh(student.image_sizes, s_head.logits.device)
         t_assignments: dict[int, list[Assignment]] = {}
         if cfg.use_ad or cfg.mode == "pos_neg":
             for kt in sorted({kt for _, kt in self.pairs}):
                 t_assignments[kt] = self.teacher.match(
-                    t_head["logits"][kt], t_head["boxes"][kt], targets, student.image_sizes
+                    t_head.logits[kt], t_head.boxes[kt], targets, student.image_sizes
                 )
             self.stats["teacher_positives"] = float(sum(len(p) for p, _ in t_assignments[self.pairs[-1][1]]))
         terms: dict[str, Tensor] = {}
@@ -449,16 +443,16 @@ class DETRDistill(Distiller):
         return terms
 
     def _logits(
-        self, s_head: dict[str, Any], t_head: dict[str, Any], sizes: Tensor, t_assignments: dict[int, list[Assignment]]
+        self, s_head: SetHead, t_head: SetHead, sizes: Tensor, t_assignments: dict[int, list[Assignment]]
     ) -> tuple[dict[str, Tensor], dict[tuple[int, int], list[Assignment]]]:
         """LD summed over layer pairs, and each pair's (student, teacher) matching."""
         sums: dict[str, Tensor] = {}
         matchings = {}
         pairs_count = 0
         for ks, kt in self.pairs:
-            s_logits, s_boxes = s_head["logits"][ks], s_head["boxes"][ks]
-            t_prob = t_head["logits"][kt].float().sigmoid()
-            t_boxes = t_head["boxes"][kt].float()
+            s_logits, s_boxes = s_head.logits[ks], s_head.boxes[ks]
+            t_prob = t_head.logits[kt].float().sigmoid()
+            t_boxes = t_head.boxes[kt].float()
             if self.cfg.clamp_teacher_boxes:
                 t_boxes = clamp_boxes(t_boxes)
             if self.cfg.mode == "soft_all":
@@ -482,13 +476,11 @@ class DETRDistill(Distiller):
         self.stats["ld_pairs"] = pairs_count / len(self.pairs)
         return sums, matchings
 
-    def _contrast(
-        self, s_head: dict[str, Any], t_head: dict[str, Any], matchings: dict[tuple[int, int], list[Assignment]]
-    ) -> Tensor:
+    def _contrast(self, s_head: SetHead, t_head: SetHead, matchings: dict[tuple[int, int], list[Assignment]]) -> Tensor:
         losses, accuracy = [], []
         for (ks, kt), matching in matchings.items():
-            s_rows = torch.cat([s_head["embeddings"][ks][b, s] for b, (s, _) in enumerate(matching)])
-            t_rows = torch.cat([t_head["embeddings"][kt][b, t] for b, (_, t) in enumerate(matching)])
+            s_rows = torch.cat([s_head.embeddings[ks][b, s] for b, (s, _) in enumerate(matching)])
+            t_rows = torch.cat([t_head.embeddings[kt][b, t] for b, (_, t) in enumerate(matching)])
             if len(s_rows) < 2:  # no negatives to contrast with (and BatchNorm needs two rows)
                 continue
             s_emb, t_emb = self.contrast_student(s_rows), self.contrast_teacher(t_rows.detach())
@@ -498,7 +490,7 @@ class DETRDistill(Distiller):
             losses.append(loss)
             accuracy.append(float(acc))
         if not losses:
-            return s_head["embeddings"].sum() * 0.0
+            return s_head.embeddings.sum() * 0.0
         self.stats["contrast_acc"] = sum(accuracy) / len(accuracy)
         return torch.stack(losses).sum()
 
@@ -518,7 +510,7 @@ class DETRDistill(Distiller):
         losses, coverage, quality_mean = [], [], []
         for _, kt in self.pairs:
             queries, quality = select_queries(
-                t_head["logits"][kt], t_head["embeddings"][kt], t_head["boxes"][kt], targets, sizes, cfg.fd_topk
+                t_head.logits[kt], t_head.embeddings[kt], t_head.boxes[kt], targets, sizes, cfg.fd_topk
             )
             quality_mean.append(float(quality.mean()))
             for level, s_feat in adapted.items():
@@ -546,36 +538,34 @@ class DETRDistill(Distiller):
             return {}
         kt = self.pairs[-1][1]
         t_head = teacher.head
-        sizes = image_wh(student.image_sizes[:1], t_head["logits"].device)
+        sizes = image_wh(student.image_sizes[:1], t_head.logits.device)
         queries, quality = select_queries(
-            t_head["logits"][kt][:1], t_head["embeddings"][kt][:1], t_head["boxes"][kt][:1], targets[:1], sizes, 100
+            t_head.logits[kt][:1], t_head.embeddings[kt][:1], t_head.boxes[kt][:1], targets[:1], sizes, 100
         )
         level = next(iter(self.connectors))
         stride = self.connectors[level].teacher_spec.stride
         mask = quality_mask(queries, self._maps(teacher, self.teacher)[level][:1], quality, self.cfg.fd_floor)[0]
         h, w = student.image_sizes[0]
         picture = viz.overlay_mask(viz.to_uint8(image), mask[: -(-h // stride), : -(-w // stride)])
-        scores = t_head["logits"][kt][0].float().sigmoid().amax(-1)
+        scores = t_head.logits[kt][0].float().sigmoid().amax(-1)
         top = scores.topk(min(10, len(scores))).indices
-        picture = viz.draw_boxes(
-            picture, cxcywh_to_pixel_xyxy(t_head["boxes"][kt][0, top].float(), sizes[0]), (0, 200, 0)
-        )
+        picture = viz.draw_boxes(picture, cxcywh_to_pixel_xyxy(t_head.boxes[kt][0, top].float(), sizes[0]), (0, 200, 0))
         picture = viz.draw_boxes(picture, targets[0]["boxes"], (255, 255, 255))
         return {"fd_mask": picture}
 
     def _assignment(
         self,
         student: DetOutputs,
-        t_head: dict[str, Any],
+        t_head: SetHead,
         targets: list[dict[str, Tensor]],
         sizes: Tensor,
         t_assignments: dict[int, list[Assignment]],
     ) -> dict[str, Tensor]:
         """The teacher's queries through the student's decoder, supervised with the teacher's assignment."""
-        queries = t_head["query_embed"].detach()
+        queries = t_head.query_embed.detach()
         if self.query_projection is not None:
             queries = self.query_projection(queries)
-        group = self.student.decode(student.head["memory"], queries)
+        group = self.student.decode(student.head.memory, queries)
         gt = normalize_targets(targets, student.image_sizes)
         normalizer = num_boxes(gt, sizes.device)
         sums = [0.0, 0.0, 0.0]

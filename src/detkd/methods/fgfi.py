@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from detkd.errors import BuildError
 from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import build_connectors
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.models.outputs import AnchorDetector, Detector, DetOutputs
 
 
 @dataclass
@@ -67,6 +68,8 @@ class FGFI(Distiller):
 
     def __init__(self, cfg: FGFIConfig, student: Detector, teacher: Detector | None):
         super().__init__(cfg, student, teacher)
+        if not isinstance(student, AnchorDetector):
+            raise BuildError(f"fgfi needs a student with anchors; {student.spec['name']} has none")
         self.connectors = build_connectors(student.feature_info, teacher.feature_info, cfg.levels, cfg.kernel)
 
     def forward(

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import build_connectors
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.models.outputs import DenseHead, Detector, DetOutputs, SetHead, TwoStageHead
 
 
 @dataclass
@@ -30,7 +30,7 @@ class FitNet(Distiller):
     name = "fitnet"
     summary = "FPN feature imitation through an adapter, MSE over all cells (Romero et al. 2015)"
     Config = FitNetConfig
-    kinds = ("two_stage", "one_stage", "detr")
+    heads = (TwoStageHead, DenseHead, SetHead)
 
     def __init__(self, cfg: FitNetConfig, student: Detector, teacher: Detector | None):
         super().__init__(cfg, student, teacher)

@@ -32,8 +32,8 @@ the soft labels on the positive anchors' class logits, weighted by the anchor's 
 sigmoid logits, averaged over classes). Here ``one_stage_instances="gt"`` (default) uses the ground-truth boxes
 as the instances; ``"anchors"`` uses the positive anchors as the official code. In both cases the soft labels
 are the dense **sigmoid** logits at the positive anchors with a per-class Bernoulli KL, each anchor weighted by
-the ``r`` of its instance (its ground truth, or itself). FCOS heads, which expose no anchor matching, take the
-locations inside a box as positives (matched to the smallest such box).
+the ``r`` of its instance (its ground truth, or itself). The positives are the detector's own: RetinaNet's IoU
+matching, FCOS's centre sampling (``DenseHead.matched_idxs``).
 
 Options (what the official code does, what the paper intends):
 
@@ -88,19 +88,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkd.data.sampling import class_balanced_images, item_annotations
 from detkd.errors import ConfigError
-from detkd.methods.base import Distiller, MethodConfig, ScheduleConfig
+from detkd.methods.base import Distiller, MethodConfig, RunContext, ScheduleConfig
 from detkd.methods.connectors import build_connectors
-from detkd.methods.kd import check_logit_pair
-from detkd.methods.losses import bernoulli_kl, box_masks, shared_roi_outputs, softmax_kl
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.methods.losses import bernoulli_kl, box_masks, check_logit_pair, softmax_kl
+from detkd.models.outputs import DenseHead, Detector, DetOutputs, TwoStageHead
 
 log = logging.getLogger("detkd")
 
@@ -119,7 +119,7 @@ class GKDConfig(MethodConfig):
     temperature: float = 2.0
     kl_class_mean: bool = True
     finest_scale: float = 56.0
-    one_stage_instances: str = "gt"  # gt | anchors
+    one_stage_instances: Literal["gt", "anchors"] = "gt"
     num_prototypes: int = 10
     alpha: float = 10.0
     density_width: float = 0.1
@@ -364,15 +364,10 @@ class GKD(Distiller):
 
     def __init__(self, cfg: GKDConfig, student: Detector, teacher: Detector | None):
         super().__init__(cfg, student, teacher)
-        if cfg.one_stage_instances not in ("gt", "anchors"):
-            raise ConfigError(
-                f"distill.options.gkd.one_stage_instances must be 'gt' or 'anchors', got {cfg.one_stage_instances!r}"
-            )
         if cfg.num_prototypes < 1 or cfg.alpha < 0 or cfg.chunk < 1:
             raise ConfigError("distill.options.gkd: num_prototypes and chunk must be >= 1 and alpha >= 0")
         self.connectors = build_connectors(student.feature_info, teacher.feature_info, cfg.levels, cfg.kernel)
         check_logit_pair(student, teacher, "gkd")
-        self.teacher_head = student.kind == "one_stage"
         self.prototypes: dict[str, LevelPrototypes] = {}
         self._sample: InstanceSample | None = None
         self._teacher_vecs: dict[str, Tensor] | None = None
@@ -382,7 +377,13 @@ class GKD(Distiller):
 
     # -- Prototype Generation Module -----------------------------------------------------------------------------
 
-    def on_epoch_start(self, epoch: int, context: Any) -> None:
+    def needs_teacher_head(self) -> bool:
+        return self.student.head_type is DenseHead  # dense soft labels; two-stage ones come from the shared RoIs
+
+    def needs_shared_rois(self) -> bool:
+        return self.student.head_type is TwoStageHead
+
+    def on_epoch_start(self, epoch: int, context: RunContext | None) -> None:
         every = self.cfg.regen_every
         if every <= 0 or context is None or context.dataset is None:
             return
@@ -390,7 +391,7 @@ class GKD(Distiller):
             return
         self.regenerate(context, epoch)
 
-    def regenerate(self, context: Any, epoch: int = 0) -> None:
+    def regenerate(self, context: RunContext, epoch: int = 0) -> None:
         """Run the PGM: pool the sampled instances on both networks, select prototypes per class and level."""
         start = time.perf_counter()
         dataset = context.dataset
@@ -405,7 +406,7 @@ class GKD(Distiller):
             log.warning("gkd: no training box of at least %.0f px: no prototypes, r = 1", self.cfg.min_box)
             self.prototypes = {}
             return
-        s_vecs, t_vecs, crops = self._pool_sample(dataset, sample, context, with_teacher)
+        s_vecs, t_vecs, crops = self._pool_sample(sample, context, with_teacher)
         if with_teacher:
             self._teacher_vecs, self._crops = t_vecs, crops
         t_vecs = self._teacher_vecs
@@ -450,44 +451,14 @@ class GKD(Distiller):
         """Images drawn class by class in turn (fixed seed), and their boxes of at least ``min_box`` px."""
         cfg = self.cfg
         per_image: list[tuple[np.ndarray, np.ndarray]] = []  # (labels, box indices) of the qualifying boxes
-        records = getattr(dataset, "records", None)
         for i in range(len(dataset)):
-            if records is not None:
-                # Reading annotations only: the item's target holds the non-ignored boxes, in record order.
-                keep = ~records[i].ignore
-                boxes, labels = records[i].boxes[keep], records[i].labels[keep]
-            else:
-                target = dataset[i][1]
-                boxes, labels = target["boxes"].numpy(), target["labels"].numpy()
-            boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            boxes, labels = item_annotations(dataset, i)
             ok = ((boxes[:, 2] - boxes[:, 0]) >= cfg.min_box) & ((boxes[:, 3] - boxes[:, 1]) >= cfg.min_box)
-            per_image.append((np.asarray(labels, dtype=np.int64)[ok], np.nonzero(ok)[0]))
+            per_image.append((labels[ok], np.nonzero(ok)[0]))
         rng = np.random.default_rng(cfg.seed)
-        by_class: dict[int, list[int]] = {}
-        for i, (labels, _) in enumerate(per_image):
-            for c in set(labels.tolist()):
-                by_class.setdefault(c, []).append(i)
-        queues = {c: list(rng.permutation(ims)) for c, ims in sorted(by_class.items())}
-        chosen: dict[int, None] = {}
-        images_of = dict.fromkeys(queues, 0)
-        max_images = cfg.max_images if cfg.max_images is not None else len(per_image)
-        while len(chosen) < max_images:
-            added = False
-            for c, queue in queues.items():
-                if len(chosen) >= max_images or images_of[c] >= cfg.max_images_per_class:
-                    continue
-                while queue and int(queue[0]) in chosen:
-                    queue.pop(0)
-                if not queue:
-                    continue
-                image = int(queue.pop(0))
-                chosen[image] = None
-                added = True
-                for c2 in set(per_image[image][0].tolist()):
-                    images_of[c2] += 1
-            if not added:
-                break
-        images = sorted(chosen)
+        images = class_balanced_images(
+            [labels for labels, _ in per_image], cfg.max_images, cfg.max_images_per_class, rng
+        )
         # Cap the instances of each class, keeping a random subset.
         owners = [(i, j, int(c)) for i in images for c, j in zip(*per_image[i])]
         keep = np.ones(len(owners), dtype=bool)
@@ -506,25 +477,22 @@ class GKD(Distiller):
 
     @torch.no_grad()
     def _pool_sample(
-        self, dataset: Any, sample: InstanceSample, context: Any, with_teacher: bool
+        self, sample: InstanceSample, context: RunContext, with_teacher: bool
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, np.ndarray | None]:
         """Pooled vectors ``level -> [N, C]`` of the sample on the student (and teacher), image batch by batch."""
         student, teacher = self.student, self.teacher
         device = context.device
-        batch_size = max(1, int(context.batch_size))
         s_out: dict[str, list[Tensor]] = {lv: [] for lv in self.connectors}
         t_out: dict[str, list[Tensor]] = {lv: [] for lv in self.connectors}
         crops: list[np.ndarray] = []
+        box_indices = iter(sample.boxes)
         # Restore each module's own mode afterwards: a caller may keep some parts (BatchNorm) in eval mode.
         modes = [(m, m.training) for m in student.modules()]
         student.eval()
         try:
-            for start in range(0, len(sample.images), batch_size):
+            for items in context.batches(sample.images):
                 images, targets = [], []
-                for i, box_idx in zip(
-                    sample.images[start : start + batch_size], sample.boxes[start : start + batch_size]
-                ):
-                    image, target = dataset[i]
+                for (image, target), box_idx in zip(items, box_indices):
                     idx = torch.tensor(box_idx, dtype=torch.long)
                     boxes = target["boxes"].reshape(-1, 4)[idx].float()
                     images.append(image.to(device))
@@ -597,18 +565,15 @@ class GKD(Distiller):
         """Instances (boxes and classes per image) and, for soft labels, which positive logits belong to which
         instance: two-stage positives are the instances themselves; one-stage positives are anchors
         (returned as per-image keep masks concatenated ``[B*A]`` and their instance indices)."""
-        if self.student.kind == "two_stage":
-            pos = [lab > 0 for lab in student.head["roi_labels"]]
-            boxes = [r[p] for r, p in zip(student.head["rois"], pos)]
-            labels = [lab[p] for lab, p in zip(student.head["roi_labels"], pos)]
-            return boxes, labels, None, None
         head = student.head
-        matched = head.get("matched_idxs") or [
-            self._points_in_boxes(a, t["boxes"]) for a, t in zip(head["anchors"], targets)
-        ]
-        positives = [m >= 0 for m in matched]
+        if isinstance(head, TwoStageHead):
+            pos = [lab > 0 for lab in head.roi_labels]
+            boxes = [r[p] for r, p in zip(head.rois, pos)]
+            labels = [lab[p] for lab, p in zip(head.roi_labels, pos)]
+            return boxes, labels, None, None
+        positives = [m >= 0 for m in head.matched_idxs]
         owner, boxes, labels, offset = [], [], [], 0
-        for anchors, m, p, t in zip(head["anchors"], matched, positives, targets):
+        for anchors, m, p, t in zip(head.anchors, head.matched_idxs, positives, targets):
             if self.cfg.one_stage_instances == "gt":
                 boxes.append(t["boxes"])
                 labels.append(t["labels"])
@@ -620,18 +585,6 @@ class GKD(Distiller):
                 owner.append(offset + torch.arange(int(p.sum()), device=m.device))
                 offset += int(p.sum())
         return boxes, labels, torch.cat(positives), torch.cat(owner)
-
-    @staticmethod
-    def _points_in_boxes(anchors: Tensor, gt: Tensor) -> Tensor:
-        """For heads without anchor matching (FCOS): each location matches the smallest box holding its centre."""
-        if len(gt) == 0:
-            return torch.full((len(anchors),), -1, dtype=torch.long, device=anchors.device)
-        centre = (anchors[:, :2] + anchors[:, 2:]) / 2  # [A, 2]
-        inside = (centre[:, None, :] >= gt[None, :, :2]).all(-1) & (centre[:, None, :] <= gt[None, :, 2:]).all(-1)
-        area = ((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]))[None].expand_as(inside)
-        area = torch.where(inside, area, torch.full_like(area, float("inf")))
-        best, idx = area.min(1)
-        return torch.where(torch.isfinite(best), idx, torch.full_like(idx, -1))
 
     def forward(
         self, student: DetOutputs, teacher: DetOutputs | None, targets: list[dict[str, Tensor]], step: int
@@ -686,21 +639,22 @@ class GKD(Distiller):
     ) -> Tensor:
         """``mean_i r_i KL_i`` over the positive RoIs (two-stage) or positive anchors (one-stage)."""
         cfg = self.cfg
-        if self.student.kind == "two_stage":
-            t_logits, _ = shared_roi_outputs(self.teacher, student, teacher)
-            s_logits = student.head["roi_logits"]
-            keep = torch.cat(student.head["roi_labels"]) > 0
-            s_logits, t_logits = s_logits[keep], t_logits[keep]
+        head = student.head
+        if isinstance(head, TwoStageHead):
+            all_logits = head.roi_logits
+            keep = torch.cat(head.roi_labels) > 0
+            s_logits, t_logits = all_logits[keep], teacher.on_student_rois.logits[keep]
             kl = softmax_kl(s_logits, t_logits, cfg.temperature)
             weights = r
         else:
-            s_logits = student.head["cls_logits"].flatten(0, 1)[positive]  # [P, K]
-            t_logits = teacher.head["cls_logits"].flatten(0, 1)[positive]
+            all_logits = head.cls_logits
+            s_logits = all_logits.flatten(0, 1)[positive]  # [P, K]
+            t_logits = teacher.head.cls_logits.flatten(0, 1)[positive]
             kl = bernoulli_kl(s_logits, t_logits, cfg.temperature)
             weights = r[owner] if len(owner) else r[:0]
         self.stats["positives"] = float(len(s_logits))
         if len(s_logits) == 0:
-            return student.head["roi_logits" if self.student.kind == "two_stage" else "cls_logits"].sum() * 0.0
+            return all_logits.sum() * 0.0
         if cfg.kl_class_mean:
             kl = kl / s_logits.shape[-1]
         self.stats["r_cls"] = float(weights.mean())

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ from detkd.errors import ConfigError
 from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import build_connectors
 from detkd.methods.losses import box_masks
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.models.outputs import Detector, DetOutputs, TwoStageHead
 
 log = logging.getLogger("detkd")
 
@@ -85,16 +85,16 @@ class IDaConfig(MethodConfig):
     min_keep: int = 2
     gamma: float = 0.6
     temperature: float = 1.0
-    discrepancy: str = "code"  # code | mahalanobis
-    covariance: str = "shared_sigma"  # shared_sigma | per_pair
-    geometry: str = "box"  # box | band
+    discrepancy: Literal["code", "mahalanobis"] = "code"
+    covariance: Literal["shared_sigma", "per_pair"] = "shared_sigma"
+    geometry: Literal["box", "band"] = "box"
     patch: int = 7
     sigma_init: float = 1.0
     learn_sigma: bool = True
     log_weight: float = 1e-3
-    log_norm: str = "numel"  # numel | masked
+    log_norm: Literal["numel", "masked"] = "numel"
     cov_floor: float = 0.1
-    adapter_init: str = "identity"  # identity | code
+    adapter_init: Literal["identity", "code"] = "identity"
     levels: list[str] | None = None
 
 
@@ -310,24 +310,12 @@ class IDa(Distiller):
     name = "ida"
     summary = "top-discrepancy teacher/student proposals, entropy feature loss; for 1-bit students (Xu et al. 2022)"
     Config = IDaConfig
-    kinds = ("two_stage",)
-    teacher_head = True  # the teacher's RPN proposals are candidates too
+    heads = (TwoStageHead,)
     benchmark_goal = True
     paper_gap_closed = 0.63
 
     def __init__(self, cfg: IDaConfig, student: Detector, teacher: Detector | None):
         super().__init__(cfg, student, teacher)
-        choices = {
-            "discrepancy": ("code", "mahalanobis"),
-            "covariance": ("shared_sigma", "per_pair"),
-            "geometry": ("box", "band"),
-            "log_norm": ("numel", "masked"),
-            "adapter_init": ("identity", "code"),
-        }
-        for key, allowed in choices.items():
-            value = getattr(cfg, key)
-            if value not in allowed:
-                raise ConfigError(f"distill.options.ida.{key} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0.0 <= cfg.gamma <= 1.0:
             raise ConfigError(f"distill.options.ida.gamma must be in [0, 1], got {cfg.gamma}")
         if cfg.temperature <= 0 or cfg.patch < 2:
@@ -348,16 +336,19 @@ class IDa(Distiller):
                 self.register_buffer("sigma", sigma)
         self._steps_without_confident = 0
 
+    def needs_teacher_head(self) -> bool:
+        return True  # the teacher's RPN proposals are candidates too
+
     def candidates(self, student: DetOutputs, teacher: DetOutputs) -> tuple[list[Tensor], list[int], list[int]]:
         """Per image the concatenated ``[teacher; student]`` candidate boxes, the number from the teacher, and the
         number of boxes below the threshold kept by ``min_keep``."""
         cfg = self.cfg
         boxes, from_teacher, topped_up = [], [], []
         for t_box, t_score, s_box, s_score in zip(
-            teacher.head["proposals"],
-            teacher.head["proposal_scores"],
-            student.head["proposals"],
-            student.head["proposal_scores"],
+            teacher.head.proposals,
+            teacher.head.proposal_scores,
+            student.head.proposals,
+            student.head.proposal_scores,
         ):
             t_kept, t_passed = candidate_boxes(t_box, t_score, cfg.score_thresh, cfg.nms_iou, cfg.min_keep)
             s_kept, s_passed = candidate_boxes(s_box, s_score, cfg.score_thresh, cfg.nms_iou, cfg.min_keep)

@@ -78,16 +78,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkd.errors import BuildError, ConfigError
-from detkd.methods.base import Distiller, MethodConfig
+from detkd.methods.base import Distiller, MethodConfig, RunContext
 from detkd.methods.connectors import Connector
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.models.outputs import BackboneDetector, DenseHead, Detector, DetOutputs, TwoStageHead
 
 
 @dataclass
 class LGDConfig(MethodConfig):
     context_box: bool | None = None
     detach_appearance: bool | None = None
-    normalise_by: str = "padded"  # padded | image
+    normalise_by: Literal["padded", "image"] = "padded"
     heads: int = 8
     stn: bool = True
     encoder_dims: list[int] = field(default_factory=lambda: [64, 128, 1024])
@@ -433,18 +433,12 @@ class LabelGuidedTeacher(nn.Module):
         return maps, stats
 
 
-def _backbone_body(detector: Detector) -> nn.Module | None:
-    """The bottom-up network (without the FPN) of a torchvision-based detector."""
-    backbone = getattr(getattr(detector, "model", None), "backbone", None)
-    return getattr(backbone, "body", None)
-
-
 class LGD(Distiller):
     name = "lgd"
     summary = "label-guided self-distillation: a teacher built from labels + student features (Zhang et al. 2022)"
     Config = LGDConfig
     needs_teacher = False
-    kinds = ("two_stage", "one_stage")
+    heads = (TwoStageHead, DenseHead)
     benchmark_goal = True  # teacher-free: no gap to close
     # The context projection exists whatever context_box says and gets no gradient when it is off (the two-stage
     # default).
@@ -460,15 +454,13 @@ class LGD(Distiller):
                 + ", ".join(f"{f.name}[{f.channels}ch]" for f in student.feature_info)
             )
         channels = widths.pop()
-        if cfg.normalise_by not in ("padded", "image"):
-            raise ConfigError(f"lgd.normalise_by must be padded or image, got {cfg.normalise_by!r}")
         if channels % cfg.heads:
             raise ConfigError(f"lgd.heads={cfg.heads} must divide the FPN width {channels}")
         if len(cfg.encoder_dims) != 3:
             raise ConfigError(f"lgd.encoder_dims needs 3 widths (local, mid, global), got {cfg.encoder_dims}")
-        if cfg.freeze_backbone_frac > 0 and _backbone_body(student) is None:
+        if cfg.freeze_backbone_frac > 0 and not isinstance(student, BackboneDetector):
             raise BuildError(f"lgd cannot find the bottom-up backbone of {type(student).__name__} to freeze")
-        two_stage = student.kind == "two_stage"
+        two_stage = student.head_type is TwoStageHead
         self.label_teacher = LabelGuidedTeacher(
             channels,
             student.num_classes,
@@ -484,9 +476,8 @@ class LGD(Distiller):
         self.adapter = Connector(spec, spec, kernel=3, layers=cfg.adapter_layers)  # shared across levels
         self.total_iters: int | None = None
 
-    def on_epoch_start(self, epoch: int, context: Any) -> None:
-        total = getattr(context, "total_iters", None)
-        self.total_iters = int(total) if total is not None else None
+    def on_epoch_start(self, epoch: int, context: RunContext | None) -> None:
+        self.total_iters = int(context.total_iters) if context is not None else None
 
     def phases(self, step: int) -> tuple[bool, bool]:
         """``(backbone frozen, student distilled)`` at ``step``."""
@@ -513,7 +504,7 @@ class LGD(Distiller):
 
     def before_optimizer_step(self, step: int) -> None:
         if self.phases(step)[0]:
-            for p in _backbone_body(self.student).parameters():
+            for p in self.student.backbone_body().parameters():
                 p.grad = None
 
     def optim_groups(self) -> list[dict[str, Any]]:

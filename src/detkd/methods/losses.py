@@ -1,4 +1,5 @@
-"""Small pure-tensor pieces shared by several methods: soft-label divergences, box masks, shared RoIs.
+"""What several methods share: soft-label divergences, soft counts, box masks, and the checks that a
+(student, teacher) pair can be distilled.
 
 Every reduction runs in fp32 so that the terms stay finite under mixed precision.
 """
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.errors import BuildError
+from detkd.models.outputs import DenseHead, Detector
 
 
 def softmax_kl(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -71,12 +73,27 @@ def masked_mse(diff2: Tensor, mask: Tensor) -> Tensor:
     return (diff2.float() * mask[:, None]).sum() / mask.sum().clamp(min=1.0)
 
 
-def shared_roi_outputs(teacher: Detector, student_out: DetOutputs, teacher_out: DetOutputs) -> tuple[Tensor, Tensor]:
-    """The teacher's box head on the **student's** sampled RoIs (region proposal sharing), computed once per
-    batch and cached in ``teacher_out.head`` so that composed methods share it."""
-    cached = teacher_out.head.get("shared_roi_outputs")
-    if cached is None:
-        with torch.no_grad():
-            cached = teacher.roi_forward(teacher_out.features, student_out.head["rois"], student_out.image_sizes)
-        teacher_out.head["shared_roi_outputs"] = cached
-    return cached
+def check_logit_pair(student: Detector, teacher: Detector, method: str) -> None:
+    """Logit distillation needs the same classes, the same head type and, for dense heads, the same anchor layout;
+    raises :class:`BuildError` naming the two detectors otherwise."""
+    if student.num_classes != teacher.num_classes:
+        raise BuildError(f"{method}: student predicts {student.num_classes} classes, teacher {teacher.num_classes}")
+    if student.head_type is not teacher.head_type:
+        raise BuildError(
+            f"{method}: logit distillation needs the same detector kind; student {student.spec['name']} "
+            f"is {student.kind}, teacher {teacher.spec['name']} is {teacher.kind}"
+        )
+    if student.head_type is DenseHead:
+        s_family, t_family = (d.spec["name"].split("_")[0] for d in (student, teacher))
+        s_levels, t_levels = ([f.stride for f in d.feature_info] for d in (student, teacher))
+        if s_family != t_family or s_levels != t_levels:
+            raise BuildError(
+                f"{method}: dense logits can be distilled only between detectors with the same head "
+                f"and levels; student {student.spec['name']} {s_levels}, teacher {teacher.spec['name']} "
+                f"{t_levels}"
+            )
+
+
+def dense_soft_count(t_logits: Tensor) -> Tensor:
+    """Teacher's soft number of objects in a batch of dense logits ``[B, A, K]``, at least 1."""
+    return torch.sigmoid(t_logits.float()).amax(-1).sum().clamp(min=1.0)

@@ -4,7 +4,7 @@ The teacher's knowledge is borrowed only where the student is weak, in three pla
 distillation penalty fades out over training:
 
 - **region proposal sharing**: the student's sampled RoIs also go through the teacher's box head (no grad), so
-  every RoI has a matched (teacher, student) pair of outputs (``shared_roi_outputs``);
+  every RoI has a matched (teacher, student) pair of outputs (``DetOutputs.on_student_rois``);
 - ``kd_feat``, **feature imitation under a Gaussian mask**: on every FPN level both detectors have,
   ``M_l(x, y) = max_k exp(-[(x+0.5-x_k)^2 / (2 sx_k^2) + (y+0.5-y_k)^2 / (2 sy_k^2)])`` with the box centre
   ``(x_k, y_k)`` and ``sx_k = beta * w_k``, ``sy_k = beta * h_k``, all in cells of that level (cell centres at
@@ -46,7 +46,7 @@ reconstruction, not read from the paper, and is an option whose default is the m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +55,9 @@ from torch import Tensor
 from detkd.errors import BuildError, ConfigError
 from detkd.methods.base import Distiller, MethodConfig, ScheduleConfig
 from detkd.methods.connectors import build_connectors
-from detkd.methods.kd import check_logit_pair, dense_soft_count
-from detkd.methods.losses import bernoulli_kl, shared_roi_outputs, softmax_kl
-from detkd.models.outputs import Detector, DetOutputs
+from detkd.methods.losses import bernoulli_kl, check_logit_pair, dense_soft_count, softmax_kl
+from detkd.models.outputs import DenseHead, Detector, DetOutputs, RoIHeadDetector, TwoStageHead
 
-GATES = ("student", "proposal")
 MIN_SIGMA = 1e-3  # cells; keeps zero-size boxes from dividing by zero (their mask is then ~0 off the centre)
 
 
@@ -68,8 +66,8 @@ class TARSchedule(ScheduleConfig):
     """TAR's schedule: linear decay per epoch by default. A subclass (not just a default value) so that an
     override of one field, e.g. ``distill.options.tar.schedule.exempt=[kd_feat]``, keeps the other defaults."""
 
-    decay: str = "linear"
-    decay_unit: str = "epoch"
+    decay: Literal["none", "linear", "step"] = "linear"
+    decay_unit: Literal["iter", "epoch"] = "epoch"
 
 
 @dataclass
@@ -77,7 +75,7 @@ class TARConfig(MethodConfig):
     schedule: TARSchedule = field(default_factory=TARSchedule)
     beta: float = 0.25
     temperature: float = 1.0
-    gate: str = "student"  # student | proposal
+    gate: Literal["student", "proposal"] = "student"
     reg_beta: float = 1.0 / 9.0
     levels: list[str] | None = None
     kernel: int = 3
@@ -148,8 +146,6 @@ class TAR(Distiller):
 
     def __init__(self, cfg: TARConfig, student: Detector, teacher: Detector | None):
         super().__init__(cfg, student, teacher)
-        if cfg.gate not in GATES:
-            raise ConfigError(f"distill.options.tar.gate must be one of {', '.join(GATES)}, got {cfg.gate!r}")
         if cfg.beta <= 0:
             raise ConfigError(f"distill.options.tar.beta must be positive, got {cfg.beta}")
         if cfg.temperature <= 0:
@@ -158,14 +154,19 @@ class TAR(Distiller):
             raise ConfigError(f"distill.options.tar.reg_beta must be >= 0, got {cfg.reg_beta}")
         check_logit_pair(student, teacher, "tar")
         self.connectors = build_connectors(student.feature_info, teacher.feature_info, cfg.levels, cfg.kernel)
-        self.teacher_head = student.kind == "one_stage"
-        if student.kind == "two_stage":
-            s_w, t_w = (tuple(d.model.roi_heads.box_coder.weights) for d in (student, teacher))
+        if isinstance(student, RoIHeadDetector):
+            s_w, t_w = student.box_coder_weights, teacher.box_coder_weights
             if s_w != t_w:
                 raise BuildError(
                     f"tar: the teacher's box deltas are encoded with weights {t_w}, the student's with {s_w}; "
                     "regression distillation needs the same encoding"
                 )
+
+    def needs_teacher_head(self) -> bool:
+        return self.student.head_type is DenseHead
+
+    def needs_shared_rois(self) -> bool:
+        return self.student.head_type is TwoStageHead
 
     # ----------------------------------------------------------------------------------------------- terms
 
@@ -189,22 +190,21 @@ class TAR(Distiller):
 
     def roi_gate(self, student: DetOutputs, teacher: DetOutputs) -> dict[str, Tensor]:
         """Positive shared RoIs with both heads' GT-class deltas, decoded boxes and the gate."""
-        t_logits, t_deltas = shared_roi_outputs(self.teacher, student, teacher)
-        s_logits, s_deltas = student.head["roi_logits"], student.head["roi_deltas"]
-        labels = torch.cat(student.head["roi_labels"])
+        head, shared = student.head, teacher.on_student_rois
+        s_logits, s_deltas = head.roi_logits, head.roi_deltas
+        labels = torch.cat(head.roi_labels)
         pos = torch.where(labels > 0)[0]
         cls = labels[pos]
-        rois = torch.cat(student.head["rois"])[pos]
-        gt = torch.cat(student.head["roi_matched_gt"])[pos]
+        rois = torch.cat(head.rois)[pos]
+        gt = torch.cat(head.roi_matched_gt)[pos]
         s_d = s_deltas.reshape(len(labels), -1, 4)[pos, cls]
-        t_d = t_deltas.reshape(len(labels), -1, 4)[pos, cls].to(s_d.dtype)
-        coder = self.student.model.roi_heads.box_coder
+        t_d = shared.deltas.reshape(len(labels), -1, 4)[pos, cls].to(s_d.dtype)
         with torch.no_grad():
-            t_boxes = coder.decode_single(t_d.float(), rois.float())
-            s_boxes = coder.decode_single(s_d.detach().float(), rois.float())
+            t_boxes = self.student.decode_boxes(t_d.float(), rois.float())
+            s_boxes = self.student.decode_boxes(s_d.detach().float(), rois.float())
             gated, t_iou = regression_gate(t_boxes, s_boxes, rois, gt, self.cfg.gate)
         return dict(
-            pos=pos, s_logits=s_logits[pos], t_logits=t_logits[pos], s_deltas=s_d, t_deltas=t_d,
+            pos=pos, s_logits=s_logits[pos], t_logits=shared.logits[pos], s_deltas=s_d, t_deltas=t_d,
             rois=rois, gt=gt, t_boxes=t_boxes, s_boxes=s_boxes, gated=gated, t_iou=t_iou,
         )  # fmt: skip
 
@@ -213,8 +213,9 @@ class TAR(Distiller):
     ) -> dict[str, Tensor]:
         terms = {"kd_feat": self.feature_term(student, teacher, targets)}
         tau = self.cfg.temperature
-        if self.student.kind != "two_stage":
-            s_logits, t_logits = student.head["cls_logits"], teacher.head["cls_logits"]
+        head = student.head
+        if isinstance(head, DenseHead):
+            s_logits, t_logits = head.cls_logits, teacher.head.cls_logits
             norm = dense_soft_count(t_logits)
             self.stats["teacher_objects"] = float(norm)
             terms["kd_cls"] = bernoulli_kl(s_logits, t_logits, tau).sum() / norm
@@ -223,11 +224,11 @@ class TAR(Distiller):
         r = self.roi_gate(student, teacher)
         n_pos = len(r["pos"])
         self.stats["positive_rois"] = float(n_pos)
-        zero = student.head["roi_logits"].sum() * 0.0
+        zero = head.roi_logits.sum() * 0.0
         if n_pos == 0:
             self.stats["gate_pass"] = 0.0
             terms["kd_cls"] = zero
-            terms["kd_reg"] = zero + student.head["roi_deltas"].sum() * 0.0
+            terms["kd_reg"] = zero + head.roi_deltas.sum() * 0.0
             return terms
         terms["kd_cls"] = softmax_kl(r["s_logits"], r["t_logits"], tau).mean()
         gated = r["gated"]
@@ -261,9 +262,10 @@ class TAR(Distiller):
         pic = upscale(overlay_mask(base, mask, color=(255, 0, 0), alpha=0.7), factor)
         out = {"gaussian_mask": draw_boxes(pic, boxes * factor, color=(255, 255, 255), width=2)}
 
-        if self.student.kind == "two_stage" and teacher is not None and "rois" in student.head:
+        head = student.head
+        if isinstance(head, TwoStageHead) and head.rois is not None and teacher is not None:
             r = self.roi_gate(student, teacher)
-            first = r["pos"] < len(student.head["rois"][0])
+            first = r["pos"] < len(head.rois[0])
             gated = r["gated"][first].cpu()
             rois = r["rois"][first].detach().float().cpu()
             # GT first, so that the positive RoIs (torchvision adds the GT boxes themselves) stay visible on top.

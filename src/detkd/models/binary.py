@@ -243,15 +243,17 @@ def binarize_neck(detector: Detector) -> Detector:
     State-dict keys keep torchvision's layout: ``...inner_blocks.0.0.{weight,bias,scale}`` for the conv and
     ``...inner_blocks.0.1.weight`` for its PReLU.
     """
-    fpn = getattr(getattr(getattr(detector, "model", None), "backbone", None), "fpn", None)
-    if fpn is None:
+    fpn_of = getattr(detector, "fpn", None)
+    if fpn_of is None:
         raise BuildError(f"binary_neck: {type(detector).__name__} has no torchvision FPN to binarise")
+    fpn = fpn_of()
     for blocks in (fpn.inner_blocks, fpn.layer_blocks):
         for i, block in enumerate(blocks):
             blocks[i] = _binary_conv_act(_first_conv(block), 3)
-    rpn = getattr(detector.model, "rpn", None)
-    if rpn is not None:
-        rpn.head.conv[0] = _binary_conv_act(_first_conv(rpn.head.conv[0]), 3)
+    rpn_head_of = getattr(detector, "rpn_head", None)
+    if rpn_head_of is not None:
+        rpn_head = rpn_head_of()
+        rpn_head.conv[0] = _binary_conv_act(_first_conv(rpn_head.conv[0]), 3)
     return detector
 
 

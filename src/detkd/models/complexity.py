@@ -28,15 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection.image_list import ImageList
 
 from detkd.models.binary import BinaryConv2d
-from detkd.models.outputs import Detector
+from detkd.models.outputs import Detector, RoIHeadDetector
 
 MB = 2**20
-
-
-def _test_rois(detector: Detector, fallback: int) -> int:
-    rpn = getattr(getattr(detector, "model", None), "rpn", None)
-    post = getattr(rpn, "_post_nms_top_n", None)
-    return int(post["testing"]) if isinstance(post, dict) else fallback
 
 
 def _dummy_rois(n: int, height: int, width: int, device: torch.device) -> Tensor:
@@ -100,9 +94,9 @@ def model_cost(detector: Detector, image_size: tuple[int, int] | None = None) ->
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             features = detector.extract(images)
-            _, head = detector.head_losses(features, images, None)
-            if detector.kind == "two_stage" and hasattr(detector, "roi_forward"):
-                n = _test_rois(detector, max((len(p) for p in head.get("proposals", [])), default=0))
+            detector.head_losses(features, images, None)
+            if isinstance(detector, RoIHeadDetector):
+                n = detector.test_proposals
                 detector.roi_forward(features, [_dummy_rois(n, height, width, device)], [(height, width)])
     finally:
         for h in handles:

@@ -3,7 +3,8 @@
 Each adapter owns an unmodified torchvision model (``self.model``) and re-runs its parts in the order
 torchvision does, keeping what distillation needs and torchvision discards: the FPN maps, RPN scores, the
 sampled RoIs with their labels and matched ground truth, and the raw dense-head outputs. Methods read those
-from :class:`DetOutputs` and never hook into the model. Inference and export use ``self.model`` as is.
+from :class:`DetOutputs` (heads typed in ``detkd.models.outputs``) and the protocols declared there, never
+``self.model``. Inference and export use ``self.model`` as is.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torchvision.ops.poolers import initLevelMapper
 
 from detkd.errors import ConfigError
 from detkd.models.backbones import FPNBackbone
-from detkd.models.outputs import Detector
+from detkd.models.outputs import DenseHead, Detector, TwoStageHead
 
 
 class _TorchvisionDetector(Detector):
@@ -49,6 +50,14 @@ class _TorchvisionDetector(Detector):
 
     def extract(self, images: ImageList) -> dict[str, Tensor]:
         return dict(self.model.backbone(images.tensors))
+
+    def backbone_body(self) -> nn.Module:
+        """The bottom-up network (ResNet stages) under the FPN."""
+        return self.model.backbone.body
+
+    def fpn(self) -> nn.Module:
+        """torchvision's ``FeaturePyramidNetwork`` (lateral ``inner_blocks`` and output ``layer_blocks``)."""
+        return self.model.backbone.fpn
 
     def level_anchors(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """Anchors of each level, ``[H*W*A, 4]`` in input pixels (the same for every image of a batch)."""
@@ -75,15 +84,24 @@ class _TorchvisionDetector(Detector):
 
 
 class FasterRCNNAdapter(_TorchvisionDetector):
-    """Faster R-CNN with FPN.
+    """Faster R-CNN with FPN; ``head`` is a :class:`TwoStageHead`. Implements ``RoIHeadDetector``."""
 
-    ``head`` holds ``proposals`` and ``proposal_scores`` (after the RPN's NMS, per image) and, with targets,
-    ``rois`` (the sampled RoIs, per image, ground truth included as torchvision does), ``roi_labels``,
-    ``roi_matched_idxs`` (-1 for background), ``roi_matched_gt`` (matched GT boxes), ``roi_regression_targets``,
-    ``roi_logits`` ``[R, C+1]`` and ``roi_deltas`` ``[R, (C+1)*4]``.
-    """
+    head_type = TwoStageHead
 
-    kind = "two_stage"
+    @property
+    def box_coder_weights(self) -> tuple[float, ...]:
+        return tuple(self.model.roi_heads.box_coder.weights)
+
+    @property
+    def test_proposals(self) -> int:
+        return int(self.model.rpn._post_nms_top_n["testing"])
+
+    def rpn_head(self) -> nn.Module:
+        """torchvision's ``RPNHead`` (a 3x3 ``conv`` then the objectness and delta 1x1 convs)."""
+        return self.model.rpn.head
+
+    def decode_boxes(self, deltas: Tensor, rois: Tensor) -> Tensor:
+        return self.model.roi_heads.box_coder.decode_single(deltas, rois)
 
     def _anchor_generator(self) -> AnchorGenerator:
         return self.model.rpn.anchor_generator
@@ -111,9 +129,9 @@ class FasterRCNNAdapter(_TorchvisionDetector):
 
     def head_losses(
         self, features: dict[str, Tensor], images: ImageList, targets: list[dict] | None
-    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    ) -> tuple[dict[str, Tensor], TwoStageHead]:
         proposals, scores, losses = self._rpn(images, features, targets)
-        head: dict[str, Any] = {"proposals": proposals, "proposal_scores": scores}
+        head = TwoStageHead(proposals, scores)
         if targets is None:
             return losses, head
         roi_heads = self.model.roi_heads
@@ -127,15 +145,12 @@ class FasterRCNNAdapter(_TorchvisionDetector):
         for t, idx in zip(targets, matched_idxs):
             gt = t["boxes"] if len(t["boxes"]) else t["boxes"].new_zeros(1, 4)
             matched_gt.append(gt[idx.clamp(min=0)])
-        head.update(
-            rois=rois,
-            roi_labels=labels,
-            roi_matched_idxs=[torch.where(lab > 0, idx, -1) for idx, lab in zip(matched_idxs, labels)],
-            roi_matched_gt=matched_gt,
-            roi_regression_targets=regression_targets,
-            roi_logits=logits,
-            roi_deltas=deltas,
-        )
+        head.rois = rois
+        head.roi_labels = labels
+        head.roi_matched_idxs = [torch.where(lab > 0, idx, -1) for idx, lab in zip(matched_idxs, labels)]
+        head.roi_matched_gt = matched_gt
+        head.roi_regression_targets = regression_targets
+        head.roi_logits, head.roi_deltas = logits, deltas
         return losses, head
 
     def roi_features(
@@ -153,21 +168,22 @@ class FasterRCNNAdapter(_TorchvisionDetector):
 
 
 class RetinaNetAdapter(_TorchvisionDetector):
-    """RetinaNet. ``head``: ``cls_logits`` ``[B, A, C+1]``, ``bbox_regression`` ``[B, A, 4]``, ``anchors``
-    (per image ``[A, 4]``), ``num_anchors_per_level`` and, with targets, ``matched_idxs`` (per image, -1
-    background, -2 ignored)."""
+    """RetinaNet; ``head`` is a :class:`DenseHead` with the IoU matcher's ``matched_idxs``."""
 
-    kind = "one_stage"
+    head_type = DenseHead
 
     def head_losses(
         self, features: dict[str, Tensor], images: ImageList, targets: list[dict] | None
-    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    ) -> tuple[dict[str, Tensor], DenseHead]:
         feats = list(features.values())
         out = self.model.head(feats)
         anchors = self.model.anchor_generator(images, feats)
         per_location = out["cls_logits"].shape[1] // sum(f.shape[-2] * f.shape[-1] for f in feats)
-        head: dict[str, Any] = dict(
-            out, anchors=anchors, num_anchors_per_level=[f.shape[-2] * f.shape[-1] * per_location for f in feats]
+        head = DenseHead(
+            out["cls_logits"],
+            out["bbox_regression"],
+            anchors,
+            [f.shape[-2] * f.shape[-1] * per_location for f in feats],
         )
         if targets is None:
             return {}, head
@@ -178,27 +194,57 @@ class RetinaNetAdapter(_TorchvisionDetector):
             else:
                 matched.append(self.model.proposal_matcher(box_iou(t["boxes"], a)))
         losses = self.model.head.compute_loss(targets, out, anchors, matched)
-        head["matched_idxs"] = matched
+        head.matched_idxs = matched
         return {"loss_cls": losses["classification"], "loss_box": losses["bbox_regression"]}, head
 
 
 class FCOSAdapter(_TorchvisionDetector):
-    """FCOS. ``head``: ``cls_logits`` ``[B, A, C+1]``, ``bbox_regression`` ``[B, A, 4]``, ``bbox_ctrness``
-    ``[B, A, 1]``, ``anchors`` (one point-anchor per location) and ``num_anchors_per_level``."""
+    """FCOS; ``head`` is a :class:`DenseHead` (one point-anchor per location, ``bbox_ctrness``) with the
+    ``matched_idxs`` of FCOS's own assignment (:meth:`match_points`)."""
 
-    kind = "one_stage"
+    head_type = DenseHead
+
+    def match_points(self, anchors: Tensor, gt: Tensor, num_per_level: list[int]) -> Tensor:
+        """FCOS's assignment of one image's locations ``[A, 4]`` to its boxes ``[M, 4]``: ``[A]`` box index, -1 for
+        background.
+
+        A location is a candidate for a box when its centre lies inside the box, within ``center_sampling_radius``
+        strides of the box centre, and its largest distance to the box sides lies in the level's range
+        ``(4 s, 8 s)`` (open below on the finest level, above on the coarsest); among candidates the smallest box
+        wins. The same rule as torchvision's ``FCOS.compute_loss``, and scored the same way, so the loss computed
+        from these indices is the one ``FCOS.compute_loss`` gives.
+        """
+        if gt.numel() == 0:
+            return torch.full((len(anchors),), -1, dtype=torch.int64, device=anchors.device)
+        centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # [A, 2]
+        stride = anchors[:, 2] - anchors[:, 0]  # [A]
+        gt_centres = (gt[:, :2] + gt[:, 2:]) / 2  # [M, 2]
+        radius = self.model.center_sampling_radius
+        near = (centres[:, None] - gt_centres[None]).abs().amax(2) < radius * stride[:, None]  # [A, M]
+        x, y = centres[:, 0:1], centres[:, 1:2]
+        sides = torch.stack([x - gt[None, :, 0], y - gt[None, :, 1], gt[None, :, 2] - x, gt[None, :, 3] - y], 2)
+        low, high = stride * 4, stride * 8
+        low[: num_per_level[0]] = 0
+        high[-num_per_level[-1] :] = float("inf")
+        reach = sides.amax(2)  # [A, M]
+        ok = near & (sides.amin(2) > 0) & (reach > low[:, None]) & (reach < high[:, None])
+        area = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])  # [M]
+        # Scored as torchvision does (1e8 - area, fp32), so ties between near-equal areas resolve identically.
+        score, idx = (ok.to(torch.float32) * (1e8 - area[None])).max(1)
+        return torch.where(score < 1e-5, torch.full_like(idx, -1), idx)
 
     def head_losses(
         self, features: dict[str, Tensor], images: ImageList, targets: list[dict] | None
-    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    ) -> tuple[dict[str, Tensor], DenseHead]:
         feats = list(features.values())
         out = self.model.head(feats)
         anchors = self.model.anchor_generator(images, feats)
         num_per_level = [f.shape[-2] * f.shape[-1] for f in feats]
-        head: dict[str, Any] = dict(out, anchors=anchors, num_anchors_per_level=num_per_level)
+        head = DenseHead(out["cls_logits"], out["bbox_regression"], anchors, num_per_level, None, out["bbox_ctrness"])
         if targets is None:
             return {}, head
-        losses = self.model.compute_loss(targets, out, anchors, num_per_level)
+        head.matched_idxs = [self.match_points(a, t["boxes"], num_per_level) for a, t in zip(anchors, targets)]
+        losses = self.model.head.compute_loss(targets, out, anchors, head.matched_idxs)
         return {
             "loss_cls": losses["classification"],
             "loss_box": losses["bbox_regression"],

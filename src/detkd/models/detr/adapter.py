@@ -20,7 +20,7 @@ from torchvision.ops import box_convert
 from detkd.models.detr.criterion import SetCriterion
 from detkd.models.detr.matcher import Assignment, image_wh, normalize_targets
 from detkd.models.detr.neck import ChannelMapper, level_masks, padding_mask
-from detkd.models.outputs import Detector
+from detkd.models.outputs import Detector, SetHead
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -32,17 +32,8 @@ class DETRDetector(Detector):
     ``features`` (from :meth:`extract`) are the neck's levels, the transformer's inputs: ``p3..p6`` (strides
     8..64) for Deformable DETR, ``p5`` for Conditional DETR, all ``hidden`` channels wide.
 
-    ``head`` (from :meth:`head_losses`) holds, with ``L`` decoder layers, ``N`` queries, ``K`` classes, width ``d``:
-
-    - ``logits`` ``[L, B, N, K]``: sigmoid class logits of every layer (the last is the prediction);
-    - ``boxes`` ``[L, B, N, 4]``: normalised ``(cx, cy, w, h)``, relative to each image's unpadded size;
-    - ``embeddings`` ``[L, B, N, d]``: the decoder outputs the heads read (the query embeddings);
-    - ``memory``: what :meth:`decode` needs (``memory`` ``[B, S, d]`` encoder output, ``padding_mask`` ``[B, S]``,
-      ``spatial_shapes``, ``level_start_index``, ``valid_ratios`` ``[B, levels, 2]``, ``pos`` ``[B, S, d]``);
-    - ``query_embed``: the learned query embedding ``[N, q]`` (the parameter itself; ``q`` = ``2d`` for
-      Deformable DETR, ``d`` for Conditional DETR); :attr:`query_format` names the layout;
-    - with targets, ``assignments``: per layer, per image ``(query indices, target indices)``, the Hungarian
-      assignment the task loss used.
+    ``head`` (from :meth:`head_losses`) is a :class:`SetHead`. Implements ``SetDetector`` and
+    ``BackboneDetector``.
 
     Args:
         backbone: bottom-up network returning ``c2..c5``.
@@ -54,7 +45,7 @@ class DETRDetector(Detector):
         detections_per_img: boxes :meth:`predict` keeps per image (top scores over queries x classes).
     """
 
-    kind = "detr"
+    head_type = SetHead
 
     def __init__(
         self,
@@ -95,6 +86,9 @@ class DETRDetector(Detector):
     def query_dim(self) -> int:
         return self.transformer.query_dim
 
+    def backbone_body(self) -> nn.Module:
+        return self.backbone
+
     def extract(self, images: ImageList) -> dict[str, Tensor]:
         return dict(self.neck(self.backbone(images.tensors)))
 
@@ -122,15 +116,16 @@ class DETRDetector(Detector):
 
     def head_losses(
         self, features: dict[str, Tensor], images: ImageList, targets: list[dict] | None
-    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    ) -> tuple[dict[str, Tensor], SetHead]:
         memory = self.encode(features, images)
-        out = self.decode(memory, self.transformer.query_embed.weight)
-        head: dict[str, Any] = dict(out, memory=memory, query_embed=self.transformer.query_embed.weight)
+        queries = self.transformer.query_embed.weight
+        out = self.decode(memory, queries)
+        head = SetHead(out["logits"], out["boxes"], out["embeddings"], memory, queries)
         if targets is None:
             return {}, head
         sizes = image_wh(list(images.image_sizes), out["logits"].device)
         normalized = normalize_targets(targets, list(images.image_sizes))
-        losses, head["assignments"] = self.criterion(out["logits"], out["boxes"], normalized, sizes)
+        losses, head.assignments = self.criterion(out["logits"], out["boxes"], normalized, sizes)
         return losses, head
 
     def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
@@ -158,7 +153,7 @@ class DETRDetector(Detector):
             original = [tuple(im.shape[-2:]) for im in images]
             batch, _ = self.preprocess(images)
             _, head = self.head_losses(self.extract(batch), batch, None)
-            detections = self.postprocess(head["logits"][-1], head["boxes"][-1], list(batch.image_sizes))
+            detections = self.postprocess(head.logits[-1], head.boxes[-1], list(batch.image_sizes))
             return self.transform.postprocess(detections, list(batch.image_sizes), original)
         finally:
             self.train(was_training)
