@@ -13,7 +13,7 @@ import torch
 
 from detkd.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
 from detkd.data.formats import READERS
-from detkd.distill import DistillModel
+from detkd.distillation import DistillModel
 from detkd.engine.hooks import lr_factor
 from detkd.engine.launch import build_optimizer
 from detkd.engine.trainer import amp_dtype

@@ -53,7 +53,7 @@ def test_adding_a_method_example_imports_only_base_outputs_and_shared_parts():
 
 
 def test_adding_a_method_example_works(at_method):
-    from detkd.distill import DistillModel, build_distillers
+    from detkd.distillation import DistillModel, build_distillers
     from tests.conftest import make_batch, tiny
 
     student, teacher = tiny("frcnn_r18", fpn_channels=32), tiny("frcnn_r34")
@@ -116,7 +116,7 @@ def test_python_api_examples_run(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("name,space", [("frcnn_r18", "deltas"), ("frcnn_r18", "boxes"), ("retinanet_r18", "deltas")])
 def test_adding_a_method_logit_example_works(boxkd_method, name, space):
-    from detkd.distill import DistillModel, build_distillers
+    from detkd.distillation import DistillModel, build_distillers
     from detkd.errors import ConfigError
     from tests.conftest import make_batch, tiny
 

@@ -13,7 +13,7 @@ import torch
 
 from detkd.cli import main
 from detkd.data import make_digits
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.engine.checkpoint import TRAIN_FORMAT, load_detector, read_checkpoint, save_atomic, save_student
 from detkd.export import OUTPUTS, match_detections
 from tests.conftest import tiny

@@ -26,7 +26,7 @@ FLOORS = {
     "detkd.models": 2,
     "detkd.methods": 3,
     "detkd.calibration": 4,
-    "detkd.distill": 4,
+    "detkd.distillation": 4,
     "detkd.engine": 5,
     "detkd.bench": 6,
     "detkd.export": 6,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import detkd.methods  # noqa: F401  (registration)
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.methods.base import METHODS
 from tests.conftest import make_batch, tiny
 

@@ -10,7 +10,7 @@ import torch
 
 from detkd.cli import main
 from detkd.data import make_digits
-from detkd.distill import DistillModel
+from detkd.distillation import DistillModel
 from detkd.models import build_detector
 from detkd.models.binary import BinaryConv2d
 from detkd.pretrain import output_paths, set_binary_mode

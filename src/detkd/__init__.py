@@ -24,11 +24,6 @@ _API = {"Predictor", "distill", "evaluate", "load", "load_config", "train"}
 
 def __getattr__(name: str) -> Any:
     # The API pulls in the data, model and training modules; `import detkd` alone stays cheap.
-    if name == "distill":
-        # The submodule detkd.distill, whose module object is callable as detkd.api.distill (see its docstring).
-        from importlib import import_module
-
-        return import_module("detkd.distill")
     if name in _API:
         from detkd import api
 

@@ -90,7 +90,7 @@ def detection_grid(models: dict[str, Any], dataset: Any, images: int, score: flo
 def method_pictures(run: Path, cfg: Any, dataset: Any, out: Path) -> list[Path]:
     """Each distiller's ``visualize`` on the first val batch, with the run's trained distiller state."""
     import detkd.methods  # noqa: F401  (registration)
-    from detkd.distill import DistillModel, build_distillers
+    from detkd.distillation import DistillModel, build_distillers
     from detkd.engine.checkpoint import load_detector, read_checkpoint
 
     if not cfg.distill.methods:

@@ -237,7 +237,7 @@ def test_teacher_free_row_in_a_teacher_pair_is_timed_against_the_student_alone()
 def test_timed_steps_keep_the_weights_even_when_the_loss_blows_up(batch):
     from detkd.bench.timing import frozen_train_step
     from detkd.config import load_config
-    from detkd.distill import DistillModel, build_distillers
+    from detkd.distillation import DistillModel, build_distillers
     from tests.conftest import tiny
 
     student, teacher = tiny("frcnn_r18"), tiny("frcnn_r18").eval().requires_grad_(False)

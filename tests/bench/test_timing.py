@@ -8,7 +8,7 @@ import torch
 
 from detkd.bench.timing import frozen_train_step, frozen_trainer
 from detkd.config import OptimConfig
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.engine.hooks import MethodSteps
 from detkd.engine.launch import build_optimizer
 from detkd.engine.trainer import Trainer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from detkd.config import OptimConfig, load_config
-from detkd.distill import DistillModel
+from detkd.distillation import DistillModel
 from detkd.engine.launch import build_optimizer
 from detkd.errors import ConfigError
 from detkd.models import build_detector

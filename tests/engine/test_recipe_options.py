@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detkd.config import OptimConfig
-from detkd.distill import DistillModel
+from detkd.distillation import DistillModel
 from detkd.engine.launch import build_optimizer
 from detkd.models import build_detector
 from tests.conftest import make_batch, tiny

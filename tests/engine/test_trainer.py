@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.engine.checkpoint import read_checkpoint
 from detkd.engine.hooks import Checkpointer, Hook
 from detkd.engine.trainer import Trainer, TrainingDiverged, amp_dtype

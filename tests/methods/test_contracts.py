@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import detkd.methods  # noqa: F401  (registration)
-from detkd.distill import build_distillers
+from detkd.distillation import build_distillers
 from detkd.errors import ConfigError
 from detkd.methods.base import METHODS
 from detkd.models.outputs import (

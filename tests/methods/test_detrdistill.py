@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.errors import BuildError, ConfigError
 from detkd.methods.detrdistill import (
     DEFAULT_WEIGHTS,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detkd.distill import build_distillers
+from detkd.distillation import build_distillers
 from tests.conftest import tiny
 
 

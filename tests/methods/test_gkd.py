@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detkd.distill import DistillModel, share_rois
+from detkd.distillation import DistillModel, share_rois
 from detkd.methods.base import RunContext
 from detkd.methods.gkd import (
     GKD,

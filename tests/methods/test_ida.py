@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.errors import ConfigError
 from detkd.methods.ida import (
     band_cells,

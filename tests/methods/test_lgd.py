@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detkd.config import OptimConfig
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.engine.launch import build_optimizer
 from detkd.methods.base import RunContext
 from detkd.methods.lgd import (

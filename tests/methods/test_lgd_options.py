@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.engine.launch import RunContext
 from detkd.methods.lgd import LGDConfig, lgd_phases, pool_objects, render_objects
 from tests.conftest import make_batch, tiny

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from detkd.config import from_dict
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.errors import ConfigError
 from detkd.methods.tar import TARConfig, gaussian_masks, pairwise_iou, regression_gate
 from detkd.models.outputs import DetOutputs, RoIOutputs, TwoStageHead

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.engine.checkpoint import load_detector, save_student
 from detkd.errors import BuildError, ConfigError
 from detkd.models import build_detector

@@ -115,7 +115,7 @@ def time_pair(
     """
     from detkd.config import load_config
     from detkd.data import build_dataset, build_train_loader, build_transforms
-    from detkd.distill import DistillModel, build_distillers
+    from detkd.distillation import DistillModel, build_distillers
     from detkd.engine.checkpoint import load_detector
     from detkd.engine.launch import RunContext
     from detkd.methods import METHODS
@@ -234,7 +234,7 @@ def time_detectors(data: Path, names: list[str], overrides: list[str], steps: in
     so every detector runs with the suite's plain settings."""
     from detkd.config import load_config
     from detkd.data import build_dataset, build_train_loader, build_transforms
-    from detkd.distill import DistillModel
+    from detkd.distillation import DistillModel
     from detkd.models import build_detector
 
     cfg = load_config(overrides=[f"data.root={data}", *overrides], dataset_settings=True)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from detkd.calibration import LossCalibration
 from detkd.config import Config, OptimConfig, save_config, to_dict
-from detkd.distill import DistillModel, build_distillers
+from detkd.distillation import DistillModel, build_distillers
 from detkd.engine.checkpoint import load_detector, load_state_checked, read_checkpoint
 from detkd.engine.evaluate import json_safe
 from detkd.engine.hooks import (

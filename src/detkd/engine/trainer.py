@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from detkd.config import AmpMode
-from detkd.distill import DistillModel
+from detkd.distillation import DistillModel
 from detkd.errors import DetkdError
 
 

@@ -5,7 +5,7 @@ A method is one :class:`Distiller` subclass in one file, written against this fi
 student and teacher detectors (it reads their ``feature_info`` to size its adapters, and may re-run parts of them
 through the protocols: ``student.head_losses`` on other maps, ``decode_boxes``, ``level_anchors``...). Its
 ``forward`` returns **unweighted** ``kd_<term>`` tensors; weights and schedules are applied by
-:class:`detkd.distill.DistillModel`, in one place. Numbers worth watching go to ``self.stats``.
+:class:`detkd.distillation.DistillModel`, in one place. Numbers worth watching go to ``self.stats``.
 """
 
 from __future__ import annotations

@@ -8,9 +8,6 @@ head on the student's RoIs (``Distiller.needs_shared_rois``, handed over as ``De
 
 from __future__ import annotations
 
-import sys
-import types
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -219,14 +216,3 @@ def build_distillers(
         cfg = from_dict(cls.Config, options.get(name, {}), where=f"distill.options.{name}")
         distillers[name] = cls(cfg, student, teacher)
     return distillers
-
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, cfg: Any, out: str | Path, resume: bool = False) -> dict[str, Any]:
-        """``detkd.distill(cfg, out)``: see :func:`detkd.api.distill`."""
-        from detkd.api import distill
-
-        return distill(cfg, out, resume)
-
-
-sys.modules[__name__].__class__ = _CallableModule
