@@ -16,7 +16,7 @@ import detkd
 SRC = Path(detkd.__file__).parent
 
 FLOORS = {
-    "detkd": 0,  # the package's __init__ (version check only)
+    "detkd": 6,  # the package's __init__: the version check, and the Python API (detkd.api), imported on first use
     "detkd._check": 0,
     "detkd.errors": 0,
     "detkd.registry": 0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ def test_contrast_direction(direction):
     t_emb = torch.randn(1, 1, 5, dim, generator=g)
     matching = {(0, 0): [(torch.tensor([0, 1, 2, 3]), torch.tensor([3, 1, 0, 4]))]}
     with torch.no_grad():
-        loss = distiller._contrast({"embeddings": s_emb}, {"embeddings": t_emb}, matching)
+        loss = distiller._contrast(SimpleNamespace(embeddings=s_emb), SimpleNamespace(embeddings=t_emb), matching)
         s_rows, t_rows = s_emb[0, 0, :4], t_emb[0, 0, [3, 1, 0, 4]]
         official = official_contrast(
             distiller.contrast_student, distiller.contrast_teacher, s_rows, t_rows, distiller.cfg.contrast_temperature

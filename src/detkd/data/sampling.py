@@ -32,7 +32,7 @@ def item_annotations(dataset: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def class_balanced_images(
-    labels_per_image: list[np.ndarray], max_images: int, max_per_class: int, rng: np.random.Generator
+    labels_per_image: list[np.ndarray], max_images: int | None, max_per_class: int | None, rng: np.random.Generator
 ) -> list[int]:
     """Images drawn class by class in turn until every class has ``max_per_class`` images or ``max_images`` are drawn.
 
@@ -41,8 +41,8 @@ def class_balanced_images(
 
     Args:
         labels_per_image: the labels of the objects eligible in each image.
-        max_images: images in all.
-        max_per_class: images per class.
+        max_images: images in all (None: no cap).
+        max_per_class: images per class (None: no cap).
         rng: the random generator (the caller may draw more from it afterwards).
 
     Returns:
@@ -55,6 +55,8 @@ def class_balanced_images(
     queues = {c: list(rng.permutation(ims)) for c, ims in sorted(by_class.items())}
     chosen: dict[int, None] = {}
     images_of = dict.fromkeys(queues, 0)
+    max_images = len(labels_per_image) if max_images is None else max_images
+    max_per_class = len(labels_per_image) if max_per_class is None else max_per_class
     while len(chosen) < max_images:
         added = False
         for c, queue in queues.items():
