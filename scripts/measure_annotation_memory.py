@@ -6,7 +6,9 @@ Builds (once) a synthetic COCO split ``train`` with ``--images`` images (empty i
 and ``--boxes`` annotations per image, then, in a fresh Python process:
 
 1. ``load``: ``detkd.data.build_dataset`` of the split; reports the process's peak resident set size
-   (``VmHWM`` in ``/proc/self/status``) after importing detkd and after loading, and the seconds taken;
+   (``VmHWM`` in ``/proc/self/status``) after importing detkd and after loading, and the seconds taken; a first
+   read of a large file parses it in a child process, whose own peak is reported apart (``ru_maxrss`` of the
+   finished children; 0 when none ran);
 2. ``workers``: a DataLoader with ``--workers`` worker processes that together read every record's boxes,
    labels and ignore flags twice (as GKD's sampler and the training loop do) and run a full garbage collection;
    each worker reports how much memory it had to make its own (``Private_Clean + Private_Dirty`` of
@@ -22,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -89,6 +92,7 @@ def _measure(root: Path, workers: int) -> dict:
     dataset = build_dataset(root, "train", "coco")
     seconds = time.perf_counter() - start
     loaded = _status("VmHWM")
+    parse_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux; no DataLoader yet
     n = len(dataset)
 
     class Records(torch.utils.data.IterableDataset):
@@ -111,6 +115,7 @@ def _measure(root: Path, workers: int) -> dict:
         "peak_after_import_mb": round(imported, 1),
         "peak_after_load_mb": round(loaded, 1),
         "load_peak_increase_mb": round(loaded - imported, 1),
+        "parse_child_peak_mb": round(parse_child, 1),
         "workers": workers,
         "worker_private_growth_mb": [round(w["private_growth_mb"], 1) for w in per_worker],
     }

@@ -7,6 +7,7 @@ training targets; they stay in the record as regions the evaluation ignores.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from array import array
@@ -79,8 +80,8 @@ def load_coco(root: Path, split: str, transforms: Transform | None = None) -> De
     """
     ann_file = root / "annotations" / f"instances_{split}.json"
 
-    def parse() -> tuple[RecordTable, list[str], list[int], Counter]:
-        return _parse(ann_file, root, split)
+    # A partial of a module-level function, not a closure: a large file is parsed in a child process.
+    parse = functools.partial(_parse, ann_file, root, split)
 
     if ann_file.is_file():
         # Parsed once per file version: later reads (other ranks, the next run) load the cached arrays.

@@ -11,17 +11,22 @@ Parsing a COCO-sized annotation file takes tens of seconds and gigabytes; :func:
 and saves the table next to the data (or in the user's cache folder), keyed by the file's path, size and
 modification time. Later reads (the second split of the same file, every ``torchrun`` rank on the machine, the
 next run) load the arrays instead. Processes that start together take turns on a lock file, so one of them
-parses and the others load its result.
+parses and the others load its result. A large file is parsed in a short-lived child process that writes the cache
+and exits, so the parser's transient objects (the whole JSON text and one Python object per entry) never inflate
+the peak memory of the training process, which only loads the arrays.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
+import pickle
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,9 @@ log = logging.getLogger("detkd")
 
 CACHE_VERSION = 1
 CACHE_FOLDER = ".detkd_cache"
+# Above this size an annotation file is parsed in a child process; below it the child's start (a fresh interpreter
+# importing torch, seconds) would cost more than the parse's memory is worth.
+PARSE_IN_CHILD_BYTES = 32 * 2**20
 _ARRAYS = ("paths", "file_names", "image_ids", "widths", "heights", "offsets", "boxes", "labels", "areas", "ignore")
 
 
@@ -203,6 +211,9 @@ def _bytes_array(strings: list[str]) -> np.ndarray:
 
 # --- the cache -------------------------------------------------------------------------------------------------
 
+# What a reader's parse returns: the table, the class names, their category ids, the skipped counts.
+Parsed = tuple[RecordTable, list[str], list[int], Counter]
+
 
 def cache_key(source: Path, extra: str = "") -> str:
     """A key that changes when ``source`` is replaced or edited: its resolved path, size and mtime."""
@@ -219,7 +230,7 @@ def cache_folders(source: Path) -> list[Path]:
     return [source.parent / CACHE_FOLDER, user]
 
 
-def _load(path: Path, key: str) -> tuple[RecordTable, list[str], list[int], Counter] | None:
+def _load(path: Path, key: str) -> Parsed | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
@@ -273,14 +284,32 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cached_table(
-    source: Path, extra: str, parse: Callable[[], tuple[RecordTable, list[str], list[int], Counter]]
-) -> tuple[RecordTable, list[str], list[int], Counter]:
+def _parse_and_save(path: Path, key: str, parse: Callable[[], Parsed]) -> None:
+    """The child process's work: parse, write the cache, return nothing (the parent loads the file)."""
+    _save(path, key, *parse())
+
+
+def _parse_in_child(source: Path, parse: Callable[[], Parsed]) -> bool:
+    """Whether ``source`` is large enough to be parsed in a child process, and ``parse`` can be sent there."""
+    if source.stat().st_size <= PARSE_IN_CHILD_BYTES or multiprocessing.current_process().daemon:
+        return False  # small files parse faster than a child starts; a daemonic process may not have children
+    try:
+        pickle.dumps(parse)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        log.debug("%s: the parser cannot be sent to a child process; parsing here", source)
+        return False
+    return True
+
+
+def cached_table(source: Path, extra: str, parse: Callable[[], Parsed]) -> Parsed:
     """``parse()``'s result for the annotation file ``source``, from the cache when it holds one for this very
     file (same path, size and mtime, and ``extra``, e.g. the image folder), else parsed and cached.
 
-    A folder where the cache cannot be written (read-only data) is skipped for the next one; when none can be
-    written, the file is parsed without caching.
+    A file over :data:`PARSE_IN_CHILD_BYTES` is parsed by a spawned child process (``parse`` must then be
+    picklable, e.g. a ``functools.partial`` of a module-level function; else it runs here), which writes the cache;
+    this process then loads it. An error of the parse (e.g. :class:`~detkd.errors.DataError`) is raised here with
+    its type and message. A folder where the cache cannot be written (read-only data) is skipped for the next one;
+    when none can be written, the file is parsed here without caching.
     """
     key = cache_key(source, extra)
     name = f"{source.stem}.{key}.npz"
@@ -293,9 +322,18 @@ def cached_table(
                 if hit is not None:
                     log.debug("%s: records read from the cache %s", source, path)
                     return hit
-                if result is None:
-                    result = parse()
-                _save(path, key, *result)
+                if result is None and _parse_in_child(source, parse):
+                    # Spawned, not forked: a fork would copy this process's threads' locks (torch, OpenMP).
+                    context = multiprocessing.get_context("spawn")
+                    with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
+                        child.submit(_parse_and_save, path, key, parse).result()
+                    result = _load(path, key)
+                    if result is None:
+                        raise OSError(f"{path}: the cache written by the parsing process cannot be read")
+                else:
+                    if result is None:
+                        result = parse()
+                    _save(path, key, *result)
         except OSError as exc:
             log.debug("%s: no cache in %s (%s)", source, folder, exc)
             continue
