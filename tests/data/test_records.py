@@ -188,3 +188,15 @@ def test_memory_of_a_coco_sized_split(tmp_path):
     assert max(cold["load_peak_increase_mb"], warm["load_peak_increase_mb"]) < parse / 2
     base = max(floor["worker_private_growth_mb"])
     assert all(g - base < 20 for g in cold["worker_private_growth_mb"] + warm["worker_private_growth_mb"])
+
+
+def _die() -> None:
+    os._exit(1)  # the parsing process vanishes, as when the kernel kills it for memory
+
+
+def test_a_parsing_process_that_dies_is_one_line(tmp_path, monkeypatch):
+    source = tmp_path / "instances_train.json"
+    source.write_text("{}")
+    monkeypatch.setattr(records_module, "PARSE_IN_CHILD_BYTES", 0)
+    with pytest.raises(DataError, match="stopped before it finished"):
+        records_module.cached_table(source, "x", _die)

@@ -27,12 +27,15 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from detkd.errors import DataError
 
 log = logging.getLogger("detkd")
 
@@ -325,8 +328,14 @@ def cached_table(source: Path, extra: str, parse: Callable[[], Parsed]) -> Parse
                 if result is None and _parse_in_child(source, parse):
                     # Spawned, not forked: a fork would copy this process's threads' locks (torch, OpenMP).
                     context = multiprocessing.get_context("spawn")
-                    with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
-                        child.submit(_parse_and_save, path, key, parse).result()
+                    try:
+                        with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
+                            child.submit(_parse_and_save, path, key, parse).result()
+                    except BrokenProcessPool:
+                        raise DataError(
+                            f"{source}: the process reading the annotation file stopped before it finished (out of "
+                            "memory?); free memory or run with fewer processes per machine"
+                        ) from None
                     result = _load(path, key)
                     if result is None:
                         raise OSError(f"{path}: the cache written by the parsing process cannot be read")
