@@ -25,7 +25,7 @@ def tiny_suite(**pair_kwargs) -> Suite:
         overrides=TINY + ["distill.check_teacher=0"],
         method_overrides={"kd": ["distill.calibrate_iters=2"]},
         variants={"kd-paper": ("kd", suites_module.PAPER_WEIGHTS)},
-        finetunes={"kd-finetune": FineTune("kd", 2), "finetune-alone": FineTune("", 2)},
+        finetunes={"kd-finetune": FineTune("kd", 3), "finetune-alone": FineTune("", 3)},  # > calibrate_iters
         time_matched=False,
         pretrained=True,
         calibrate=True,
@@ -98,7 +98,7 @@ def test_a_fine_tune_row_starts_from_the_baseline_of_its_own_seed(tmp_path):
     specs = {(s.row, s.seed): s for s in bench.plan() if s.pair == "frcnn"}
     for seed in (0, 1):
         ft, alone, base = specs["kd-finetune", seed], specs["finetune-alone", seed], specs["baseline", seed]
-        assert (ft.kind, ft.command, ft.methods, ft.iters) == ("finetune", "distill", ["kd"], 2)
+        assert (ft.kind, ft.command, ft.methods, ft.iters) == ("finetune", "distill", ["kd"], 3)
         assert (alone.kind, alone.command, alone.methods) == ("finetune", "train", [])
         for spec in (ft, alone):
             assert bench.run_dir(base) in bench.dependencies(spec)
@@ -269,3 +269,26 @@ def test_tiny_regime_suite_end_to_end(tmp_path, monkeypatch):
     assert all(len(r["curve"]) >= 2 for r in curves["records"] if r["kind"] == "curve")
     assert (bench.root / "curves" / "frcnn_curves.png").exists()
     assert "| frcnn |" in (bench.root / "curves" / "curves.md").read_text()
+
+
+def test_report_judges_a_fine_tune_row_against_its_baseline_and_names_the_backbones(tmp_path):
+    from detkd.bench.report import aggregate, render_markdown
+    from tests.bench.test_bench import fake_results
+
+    results = fake_results()
+    base = next(r for r in results["records"] if r["row"] == "baseline")
+    results["records"] += [
+        {**base, "row": "gkd-finetune", "kind": "finetune", "seed": s, "AP": ap, "iters": 100}
+        for s, ap in enumerate([0.45, 0.46, 0.47])
+    ]
+    pretrain = {"pair": "frcnn", "row": "pretrain:r18", "kind": "pretrain", "seed": 0, "model": "r18", "iters": 40}
+    results["records"].append({**pretrain, "run": "/nonexistent/r18", "top1": 0.5, "train_time_s": 30.0})
+    results["pairs"][0]["finetunes"] = {"gkd-finetune": {"methods": "gkd", "iters": 100, "overrides": []}}
+    results["table"] = aggregate(results)
+    row = next(e for e in results["table"] if e["row"] == "gkd-finetune")
+    assert row["kind"] == "finetune" and row["iters"] == 100
+    assert row["gain"] == pytest.approx(0.05) and row["gap_closed"] == pytest.approx(0.05 / 0.19)
+    assert not [e for e in results["table"] if e["row"].startswith("pretrain")]
+    md = render_markdown(results, {}, tmp_path)
+    assert "r18 40 steps, top-1 0.500" in md
+    assert "`gkd-finetune` starts from the baseline's student of the same seed and trains 100 more steps" in md

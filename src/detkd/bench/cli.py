@@ -18,8 +18,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="run a benchmark suite and write BENCHMARKS.md",
-        description="Train the teacher (cached), the student baseline and every method with the same data, schedule "
-        "and seeds; measure step times in one process; write results.json, BENCHMARKS.md and plots.",
+        description="Pretrain the suite's backbones and train the teachers (both cached), then the student baseline "
+        "and every method with the same data, schedule and seeds; measure step times in one process; write "
+        "results.json, BENCHMARKS.md and plots.",
     )
     p.add_argument("--suite", default="smoke", choices=sorted(SUITES), help="which suite (default smoke)")
     p.add_argument("--methods", help="comma-separated method rows to run (default: all of the suite)")

@@ -260,6 +260,16 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
         f"- **Protocol:** every student row uses the same data, schedule and seeds ({results['seeds']} seeds: 0.."
         f"{results['seeds'] - 1}); each teacher trained once (seed 0) and cached. {results['jobs']} run(s) at a time, "
         f"{results['threads_per_run']} CPU thread(s) each. Metrics on the full val split.",
+    ]
+    pretrained = [r for r in results["records"] if r["kind"] == "pretrain" and not r.get("failed")]
+    if pretrained:
+        lines.append(
+            "- **Pretrained backbones** (`detkd pretrain` on the suite's training crops, the stand-in for ImageNet "
+            "weights; val top-1 on the val crops): "
+            + ", ".join(f"{r['model']} {r['iters']} steps, top-1 {_num(r.get('top1'), '.3f')}" for r in pretrained)
+            + "."
+        )
+    lines += [
         "- **Columns:** mAP = COCO mAP@[.5:.95] (mean ± std over seeds); gain = method − baseline (same schedule); "
         "gain (time) = method − baseline trained for the same wall-clock time (the baseline's iterations × the "
         f"method's measured step-time ratio, rounded up to a {results.get('time_grid', 0.25):g} grid: row `tmX`; "
