@@ -253,8 +253,10 @@ def test_tiny_regime_suite_end_to_end(tmp_path, monkeypatch):
     assert f"model.backbone_weights={weights}" in (runs["frcnn", "baseline"] / "run.log").read_text()
     ft_log = (runs["frcnn", "kd-finetune"] / "run.log").read_text()
     assert f"model.weights={runs['frcnn', 'baseline'] / 'student.pt'}" in ft_log
-    final = json.loads((runs["frcnn", "kd"] / "final.json").read_text())
-    assert "calibration" in json.dumps(final) or "calib" in json.dumps(final)
+    calibration = {
+        row: json.loads((runs["frcnn", row] / "final.json").read_text())["calibration"] for row in ("kd", "kd-paper")
+    }
+    assert calibration["kd"] and calibration["kd-paper"] is None  # calibrated, and the paper's weights beside it
     rows = {e["row"]: e for e in results["table"] if e["pair"] == "frcnn"}
     assert rows["kd-finetune"]["kind"] == "finetune" and rows["kd-finetune"]["gain"] is not None
     # A second run trains nothing again: the pretraining and every run are read back.
@@ -292,3 +294,95 @@ def test_report_judges_a_fine_tune_row_against_its_baseline_and_names_the_backbo
     md = render_markdown(results, {}, tmp_path)
     assert "r18 40 steps, top-1 0.500" in md
     assert "`gkd-finetune` starts from the baseline's student of the same seed and trains 100 more steps" in md
+
+
+FAKE = """
+import json, os, sys, time
+from pathlib import Path
+
+args = sys.argv[1:]
+out = Path(args[args.index("--out") + 1])
+weights, out = (out, out.parent) if args[0] == "pretrain" else (None, out)
+out.mkdir(parents=True, exist_ok=True)
+with open(out / "calls.jsonl", "a") as f:
+    f.write(json.dumps({"pid": os.getpid(), "command": args[0], "resume": "--resume" in args}) + "\\n")
+if args[0] == "pretrain":
+    if os.environ.get("FAKE_HANG") == "1":
+        (out / "log.jsonl").write_text(json.dumps({"iter": 10, "step_time": 1.0}) + "\\n")
+        time.sleep(600)
+    weights.write_bytes(b"weights")
+    weights.with_suffix(".json").write_text(json.dumps({"top1": 0.5}))
+else:
+    (out / "student.pt").write_bytes(b"student")
+    (out / "final.json").write_text(json.dumps({"metrics": {"AP": 0.1, "AP50": 0.2}}))
+"""
+
+BENCH = """
+import json, sys
+from pathlib import Path
+from detkd.bench.runner import Bench, BenchStopped
+from tests.bench.test_regime import tiny_suite
+
+bench = Bench(tiny_suite(), Path(sys.argv[1]), seeds=1, jobs=2)
+bench.command = [sys.executable, sys.argv[2]]
+try:
+    records = bench.run_all(bench.plan())
+except BenchStopped as stop:
+    sys.exit(128 + stop.signum)
+print(json.dumps(records))
+"""
+
+
+@pytest.mark.slow  # child processes: about 20 s
+def test_sigterm_stops_a_pretraining_and_the_same_command_trains_it_again(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.bench.test_stop import alive, calls
+
+    fake, script = tmp_path / "fake.py", tmp_path / "bench.py"
+    fake.write_text(FAKE)
+    script.write_text(BENCH)
+    root = tmp_path / "bench"
+    env = dict(os.environ, FAKE_HANG="1", PYTHONPATH=os.pathsep.join(sys.path))
+    bench = subprocess.Popen([sys.executable, str(script), str(root), str(fake)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(c["command"] == "pretrain" for c in calls(root)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the other slot runs the pair trained from scratch meanwhile
+        pretrain = [c["pid"] for c in calls(root) if c["command"] == "pretrain"]
+        assert len(pretrain) == 1 and alive(pretrain[0])
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        bench.kill()
+    time.sleep(0.5)
+    assert not alive(pretrain[0])
+    # Nothing that reads the backbone started.
+    planned = Bench(tiny_suite(), root, seeds=1)
+    readers = [s for s in planned.plan() if s.pair == "frcnn" and s.kind != "pretrain"]
+    assert readers and not [s.row for s in readers if (planned.run_dir(s) / "calls.jsonl").exists()]
+    again = subprocess.run(
+        [sys.executable, str(script), str(root), str(fake)],
+        env=dict(env, FAKE_HANG="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    records = json.loads(again.stdout)
+    assert not [r for r in records if r.get("failed")]
+    assert {r["row"] for r in records if r["pair"] == "frcnn"} == {
+        "pretrain:r18",
+        "teacher",
+        "baseline",
+        "kd",
+        "kd-paper",
+        "kd-finetune",
+        "finetune-alone",
+    }
+    assert [c["command"] for c in calls(root)].count("pretrain") == 2  # stopped, then trained again from the start
