@@ -107,3 +107,14 @@ def test_bad_input_is_one_line(tmp_path, digits, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_log_file_has_a_line_per_log_window_with_the_step_and_its_time(digits, tmp_path):
+    from detkd.pretrain import LOG_EVERY
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 999}\n')  # a line of an earlier, stopped pretraining: not progress of this one
+    _pretrain(digits, tmp_path / "w.pt", "r18", "--iters", str(LOG_EVERY + 2), "--log", str(log))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [LOG_EVERY, LOG_EVERY + 2]
+    assert all(r["step_time"] > 0 and r["loss"] > 0 for r in rows)

@@ -59,6 +59,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CONTEXT = 1.25  # crop side / longer box side
 BACKGROUND_OVERLAP = 0.2  # a background crop overlaps no object by more than this share of the smaller area
+LOG_EVERY = 10  # steps between the lines of --log (what `detkd bench` shows as progress)
 CLASSIFIER_PREFIXES = ("fc.", "classifier.")  # ImageNet heads of torchvision nets: not part of a detection backbone
 
 
@@ -84,6 +85,7 @@ class PretrainConfig:
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
+    log: str | None = None  # append {"iter", "step_time", "loss"} every LOG_EVERY steps to this JSON-lines file
 
 
 @dataclass
@@ -269,13 +271,17 @@ def _train_steps(
     device: torch.device,
     progress: Any,
     done: int,
+    log_file: Path | None = None,
 ) -> float:
-    """``steps`` optimisation steps; returns the mean loss of the last (up to) 50."""
+    """``steps`` optimisation steps; returns the mean loss of the last (up to) 50. Every :data:`LOG_EVERY` steps a
+    line goes to ``log_file``: the step counted from the start of the run, the mean seconds per step since the
+    last line, and the loss."""
     warmup = min(100, max(1, steps // 10))
     base = [group["lr"] for group in optimizer.param_groups]
     dtype = torch.bfloat16 if device.type == "cuda" else None
     losses: list[float] = []
     model.train()
+    tick = time.perf_counter()
     for step in range(steps):
         for group, lr in zip(optimizer.param_groups, base):
             group["lr"] = lr * lr_at(step, steps, warmup)
@@ -287,6 +293,13 @@ def _train_steps(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
         losses.append(float(loss.detach()))
+        if log_file is not None and ((step + 1) % LOG_EVERY == 0 or step + 1 == steps):
+            now = time.perf_counter()
+            window = (step + 1) % LOG_EVERY or LOG_EVERY
+            line = {"iter": done + step + 1, "step_time": (now - tick) / window, "loss": losses[-1]}
+            tick = now
+            with open(log_file, "a") as f:
+                f.write(json.dumps(line) + "\n")
         if progress is not None:
             progress.update(progress.task_ids[0], advance=1, info=f"loss {np.mean(losses[-50:]):.3f}")
         elif (step + 1) % max(1, steps // 10) == 0:
@@ -382,6 +395,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         len(classes),
     )
 
+    log_file = Path(cfg.log) if cfg.log else None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("")  # a pretraining starts over: its old lines would read as progress
     start = time.perf_counter()
     progress = _progress(cfg.progress, cfg.iters)
     steps: list[dict[str, Any]] = []
@@ -390,15 +407,15 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             first = cfg.iters // 2
             set_binary_mode(model, activations=cfg.step1 == "reactnet", weights=False)
             optimizer = _optimizer(model, optimizer_name, lr, 1e-5)
-            loss = _train_steps(model, batches, first, optimizer, device, progress, 0)
+            loss = _train_steps(model, batches, first, optimizer, device, progress, 0, log_file)
             steps.append({"step": 1, "iters": first, "loss": loss, "top1": top1(model, val_loader, device, 256)[0]})
             set_binary_mode(model, activations=True, weights=True)
             optimizer = _optimizer(model, optimizer_name, lr, 0.0)
-            loss = _train_steps(model, batches, cfg.iters - first, optimizer, device, progress, first)
+            loss = _train_steps(model, batches, cfg.iters - first, optimizer, device, progress, first, log_file)
             steps.append({"step": 2, "iters": cfg.iters - first, "loss": loss})
         else:
             optimizer = _optimizer(model, optimizer_name, lr, cfg.weight_decay)
-            loss = _train_steps(model, batches, cfg.iters, optimizer, device, progress, 0)
+            loss = _train_steps(model, batches, cfg.iters, optimizer, device, progress, 0, log_file)
             steps.append({"step": 1, "iters": cfg.iters, "loss": loss})
     finally:
         if progress is not None:
@@ -460,6 +477,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log", help="append the step, seconds per step and loss every 10 steps to this JSON-lines file")
     p.set_defaults(func=cmd_pretrain)
 
 

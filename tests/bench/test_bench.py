@@ -17,12 +17,16 @@ from detkd.bench.suites import SUITES
 @pytest.mark.parametrize("suite", sorted(SUITES))
 def test_every_suite_plans_registered_detectors_and_methods(suite, tmp_path):
     from detkd.methods import METHODS
+    from detkd.models.backbones import BACKBONES
     from detkd.models.detectors import split_name
 
     bench = Bench(SUITES[suite], tmp_path)
     specs = bench.plan()
     assert specs
     for spec in specs:
+        if spec.kind == "pretrain":
+            BACKBONES.get(spec.model)
+            continue
         split_name(spec.model)
         for m in spec.methods:
             METHODS.get(m)
@@ -37,9 +41,9 @@ def test_every_suite_plans_registered_detectors_and_methods(suite, tmp_path):
 def test_pairs_filter_plans_only_those_pairs_and_names_bad_ones(tmp_path):
     from detkd.errors import ConfigError
 
-    bench = Bench(SUITES["cpu"], tmp_path, pairs=["lgd"])
+    bench = Bench(SUITES["cpu"], tmp_path, pairs=["lgd_r50"])
     specs = bench.plan()
-    assert {s.pair for s in specs} == {"lgd"}
+    assert {s.pair for s in specs} == {"lgd_r50"}
     assert not any(s.kind == "teacher" for s in specs)  # the lgd pair of the cpu suite is teacher-free
     with pytest.raises(ConfigError, match="no pair nope"):
         Bench(SUITES["cpu"], tmp_path, pairs=["nope"])
@@ -48,14 +52,15 @@ def test_pairs_filter_plans_only_those_pairs_and_names_bad_ones(tmp_path):
 def test_variants_are_method_rows_with_their_own_settings(tmp_path):
     bench = Bench(SUITES["cpu"], tmp_path, pairs=["retinanet"], seeds=1)
     specs = {s.row: s for s in bench.plan()}
-    plain, glob = specs["gkd"], specs["gkd-global"]
-    assert glob.kind == "method" and glob.methods == ["gkd"]
-    assert glob.overrides == plain.overrides + ["distill.options.gkd.global_loss=true"]
-    assert bench.run_dir(glob) != bench.run_dir(plain)
+    plain, auto = specs["gkd"], specs["gkd-auto"]
+    assert auto.kind == "method" and auto.methods == ["gkd"]
+    assert auto.overrides == plain.overrides + ["distill.calibrate=auto"]
+    assert bench.run_dir(auto) != bench.run_dir(plain)
+    pretrain = {"pretrain:r18", "pretrain:r50"}
     only_kd = {s.row for s in Bench(SUITES["cpu"], tmp_path, pairs=["retinanet"], seeds=1, methods=["kd"]).plan()}
-    assert only_kd == {"teacher", "baseline", "kd"}
+    assert only_kd == pretrain | {"teacher", "baseline", "kd"}
     only_gkd = {s.row for s in Bench(SUITES["cpu"], tmp_path, pairs=["retinanet"], seeds=1, methods=["gkd"]).plan()}
-    assert only_gkd == {"teacher", "baseline", "gkd", "gkd-global"}
+    assert only_gkd == pretrain | {"teacher", "baseline", "gkd", "gkd-auto"}
 
 
 class FakeRuns:
@@ -86,31 +91,31 @@ class FakeRuns:
 
 
 def test_a_distillation_row_starts_once_its_own_teacher_is_done(tmp_path, monkeypatch):
-    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["frcnn", "lgd"], methods=["kd", "lgd"], jobs=2)
+    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["frcnn", "lgd_r50"], methods=["kd", "lgd"], jobs=2)
     kd_started = threading.Event()
-    runs = FakeRuns(bench, hold={("lgd", "lgd"): kd_started}, signal={("frcnn", "kd"): kd_started})
+    runs = FakeRuns(bench, hold={("lgd_r50", "lgd"): kd_started}, signal={("frcnn", "kd"): kd_started})
     monkeypatch.setattr(bench, "_launch", runs)
     records = bench.run_all(bench.plan())
-    assert runs.log[0] == ("start", "frcnn", "teacher")
+    assert runs.log.index(("start", "frcnn", "teacher")) > runs.log.index(("end", "frcnn", "pretrain:r50"))
     assert runs.log.index(("start", "frcnn", "kd")) > runs.log.index(("end", "frcnn", "teacher"))
     # kd started while the teacher-free lgd row of the other pair was still running (that row waits for kd).
-    assert runs.log.index(("start", "frcnn", "kd")) < runs.log.index(("end", "lgd", "lgd"))
+    assert runs.log.index(("start", "frcnn", "kd")) < runs.log.index(("end", "lgd_r50", "lgd"))
     assert sorted((r["pair"], r["row"]) for r in records) == sorted((s.pair, s.row) for s in bench.plan())
 
 
 def test_rows_of_a_failed_teacher_are_dropped_and_the_rest_run(tmp_path, monkeypatch):
-    bench = Bench(SUITES["cpu"], tmp_path, seeds=2, pairs=["frcnn", "lgd"], methods=["kd", "lgd"], jobs=2)
+    bench = Bench(SUITES["cpu"], tmp_path, seeds=2, pairs=["frcnn", "lgd_r50"], methods=["kd", "lgd"], jobs=2)
     runs = FakeRuns(bench, fail={("frcnn", "teacher")})
     monkeypatch.setattr(bench, "_launch", runs)
     rows = {(r["pair"], r["row"]) for r in bench.run_all(bench.plan())}
     assert ("frcnn", "kd") not in rows and not any(e[2] == "kd" for e in runs.log)
-    assert {("frcnn", "teacher"), ("frcnn", "baseline"), ("lgd", "baseline"), ("lgd", "lgd")} <= rows
+    assert {("frcnn", "teacher"), ("frcnn", "baseline"), ("lgd_r50", "baseline"), ("lgd_r50", "lgd")} <= rows
 
 
 def test_a_resumed_suite_keeps_its_timing_unless_a_checkpoint_changed(tmp_path, monkeypatch):
     from detkd.bench import timing as bench_timing
 
-    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["lgd"])
+    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["lgd_r50"])
     baseline = bench.run_dir(next(s for s in bench.plan() if s.row == "baseline")) / "student.pt"
     baseline.parent.mkdir(parents=True)
     baseline.write_bytes(b"weights")
@@ -118,13 +123,13 @@ def test_a_resumed_suite_keeps_its_timing_unless_a_checkpoint_changed(tmp_path, 
     monkeypatch.setattr(bench_timing, "time_pair", lambda **kw: calls.append(kw) or {"student_step_s": len(calls)})
     monkeypatch.setattr(bench_timing, "time_detectors", lambda **kw: {"detectors": {}})
     first = bench.measure()
-    assert len(calls) == 1 and first["lgd"]["student_step_s"] == 1
+    assert len(calls) == 1 and first["lgd_r50"]["student_step_s"] == 1
     again = bench.measure(saved=json.loads(json.dumps(first)))  # as read back from results.json
-    assert len(calls) == 1 and again["lgd"] == first["lgd"]
+    assert len(calls) == 1 and again["lgd_r50"] == first["lgd_r50"]
     baseline.write_bytes(b"other weights")  # re-trained: measured anew
-    assert bench.measure(saved=first)["lgd"]["student_step_s"] == 2
-    narrower = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["lgd"], methods=["nothing"])
-    assert narrower.measure(saved=first)["lgd"]["student_step_s"] == 3  # other rows: measured anew
+    assert bench.measure(saved=first)["lgd_r50"]["student_step_s"] == 2
+    narrower = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["lgd_r50"], methods=["nothing"])
+    assert narrower.measure(saved=first)["lgd_r50"]["student_step_s"] == 3  # other rows: measured anew
 
 
 def fake_results() -> dict:

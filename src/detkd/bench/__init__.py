@@ -1,7 +1,9 @@
 """The benchmark protocol, ``detkd bench``.
 
-Same data, same schedule and the same seeds for the student baseline and every method; each teacher is trained
-once and cached (keyed by everything that defines it). Every run is an ordinary ``detkd train``/``distill`` child
+Same data, same schedule and the same seeds for the student baseline and every method; each backbone a suite
+pretrains (``detkd pretrain`` on the suite's data) and each teacher is trained once and cached (keyed by everything
+that defines it). A run starts once the runs it reads are done: its pretrained backbone, its teacher, and for a
+fine-tune row the baseline student of the same seed. Every run is an ordinary ``detkd train``/``distill`` child
 process with its own run folder, so an interrupted suite resumes where it stopped (finished runs are skipped,
 unfinished ones continue from their ``last.pt``).
 
@@ -24,5 +26,6 @@ The modules, in the order a suite goes through them:
 - ``runner.py``: runs them as child processes (``progress.py`` shows how far they are), then the timing phase;
 - ``timing.py``: step times and latency, measured in one process with the trainer's own step;
 - ``report.py``: the aggregated table, the goals, BENCHMARKS.md and plots;
+- ``curves.py``: the regime study (``--curves``), learning curves at 1x and 2x the schedules;
 - ``cli.py``: the ``detkd bench`` command.
 """

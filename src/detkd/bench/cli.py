@@ -18,8 +18,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="run a benchmark suite and write BENCHMARKS.md",
-        description="Train the teacher (cached), the student baseline and every method with the same data, schedule "
-        "and seeds; measure step times in one process; write results.json, BENCHMARKS.md and plots.",
+        description="Pretrain the suite's backbones and train the teachers (both cached), then the student baseline "
+        "and every method with the same data, schedule and seeds; measure step times in one process; write "
+        "results.json, BENCHMARKS.md and plots.",
     )
     p.add_argument("--suite", default="smoke", choices=sorted(SUITES), help="which suite (default smoke)")
     p.add_argument("--methods", help="comma-separated method rows to run (default: all of the suite)")
@@ -30,6 +31,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="CPU threads per run (default: cores / jobs)")
     p.add_argument("--render", metavar="FILE", help="only (re)write FILE (Markdown) from the suite's results.json")
     p.add_argument("--plan", action="store_true", help="print the runs the suite would make, and exit")
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="the regime study instead of the suite: teachers and baseline students at 1x and 2x the schedule with "
+        "periodic evaluation; writes curves/ (JSON, PNGs, Markdown); with --render FILE, rewrites FILE's generated "
+        "section (docs/benchmark-regime.md)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -40,6 +48,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench = Bench(
         suite, Path(args.out), seeds=args.seeds, methods=methods, pairs=pairs, jobs=args.jobs, threads=args.threads
     )
+    if args.curves:
+        return _curves(bench, args)
     if args.render:
         if not bench.results_path.exists():
             raise ConfigError(f"{bench.results_path} not found: run `detkd bench --suite {suite.name}` first")
@@ -64,4 +74,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     md.write_text(render_markdown(results, plots, bench.root))
     print_summary(results)
     print(f"results: {bench.results_path}\nreport:  {md}")
+    return 0
+
+
+def _curves(bench: Bench, args: argparse.Namespace) -> int:
+    from detkd.bench.curves import curve_specs, render_into, run_curves
+
+    data = bench.root / "curves" / "curves.json"
+    if args.render:
+        if not data.exists():
+            raise ConfigError(f"{data} not found: run `detkd bench --suite {bench.suite.name} --curves` first")
+        render_into(Path(args.render), data)
+        print(f"wrote {args.render}")
+        return 0
+    if args.plan:
+        for spec in curve_specs(bench):
+            print(f"{spec.pair:10s} {spec.row:14s} seed {spec.seed}  {spec.command} {spec.model} {spec.iters} iters")
+        return 0
+    try:
+        run_curves(bench)
+    except BenchStopped as stop:
+        print(f"detkd bench: {stop}; the stopped runs resume when the same command runs again", file=sys.stderr)
+        return 128 + stop.signum
+    print(f"curves: {data}\nreport: {data.parent / 'curves.md'}")
     return 0

@@ -1,7 +1,9 @@
 """Planning a suite: which runs, in which folders, with which settings; no run is started here.
 
-Every run is keyed by everything that defines it (data, model, schedule, overrides, methods, teacher): a changed
-setting never reuses old results, and two rows with identical settings share one run folder.
+Every run is keyed by everything that defines it (data, model, schedule, overrides, methods, teacher, pretrained
+backbone, initial weights): a changed setting never reuses old results, and two rows with identical settings share
+one run folder. A run waits for the runs it reads (:meth:`Plan.dependencies`): its pretrained backbone, its teacher,
+and for a fine-tune row the baseline of the same seed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detkd.bench.suites import Pair, Suite
+from detkd.bench.suites import Pair, PretrainRecipe, Suite
 from detkd.errors import ConfigError
 
 
@@ -36,17 +38,38 @@ class RunSpec:
     """One training run of the suite."""
 
     pair: str
-    row: str  # "teacher", "baseline", "tm1.25", a method key, or a reference key
-    kind: str  # teacher | baseline | time_matched | method | reference
-    command: str  # train | distill
-    model: str
+    row: str  # "pretrain:r18", "teacher", "baseline", "tm1.25", a method, variant, fine-tune or reference key
+    kind: str  # pretrain | teacher | baseline | time_matched | method | finetune | reference
+    command: str  # pretrain | train | distill
+    model: str  # a detector; for a pretrain run, the backbone
     iters: int
     seed: int
-    overrides: list[str]
+    overrides: list[str]  # config overrides; for a pretrain run, its command-line options
     methods: list[str] = field(default_factory=list)
     teacher_row: bool = False
+    backbone: str | None = None  # the suite's pretrained backbone this run starts from
+    init: RunSpec | None = None  # the run whose student.pt initialises this one (model.weights)
 
-    def args(self, data: Path, out: Path, teacher: Path | None) -> list[str]:
+    def args(self, data: Path, out: Path, teacher: Path | None, extra: list[str] | None = None) -> list[str]:
+        """The ``detkd`` command line of the run; ``extra`` overrides (paths of the runs it reads) go last."""
+        if self.command == "pretrain":
+            return [
+                "pretrain",
+                "--backbone",
+                self.model,
+                "--data",
+                str(data),
+                "--out",
+                str(out / f"{self.model}.pt"),
+                "--iters",
+                str(self.iters),
+                "--seed",
+                str(self.seed),
+                "--log",
+                str(out / "log.jsonl"),
+                "--no-progress",
+                *self.overrides,
+            ]
         args = [
             self.command,
             "--data",
@@ -70,7 +93,7 @@ class RunSpec:
                 "--teacher",
                 str(teacher) if teacher else "none",
             ]
-        return args + ["train.tensorboard=false", "train.ckpt_every=100"] + self.overrides
+        return args + ["train.tensorboard=false", "train.ckpt_every=100"] + self.overrides + list(extra or [])
 
 
 class Plan:
@@ -114,37 +137,84 @@ class Plan:
     def data_dir(self) -> Path:
         return self.cache / "data" / f"digits-{_hash(asdict(self.suite.data))}"
 
+    def pretrain_dir(self, backbone: str) -> Path:
+        """The cached pretraining of one backbone on the suite's data (shared by every suite with that data)."""
+        recipe = self.suite.pretrain[backbone]
+        key = _hash({"data": asdict(self.suite.data), "backbone": backbone, "recipe": asdict(recipe)})
+        return self.cache / "backbones" / f"{backbone}-{key}"
+
+    def pretrain_weights(self, backbone: str) -> Path:
+        return self.pretrain_dir(backbone) / f"{backbone}.pt"
+
+    def backbone_of(self, pair: Pair, model: str) -> str | None:
+        """The pretrained backbone a run of ``pair`` on detector ``model`` starts from (None: the pair does not)."""
+        if not pair.pretrained:
+            return None
+        from detkd.models.detectors import split_name
+
+        backbone = split_name(model)[1]
+        if backbone not in self.suite.pretrain:
+            raise ConfigError(
+                f"suite {self.suite.name}: pair {pair.name} is pretrained but the suite pretrains no {backbone} "
+                f"(it pretrains: {', '.join(self.suite.pretrain) or 'nothing'})"
+            )
+        return backbone
+
     def teacher_dir(self, pair: Pair) -> Path:
-        key = _hash(
-            {
-                "data": asdict(self.suite.data),
-                "model": pair.teacher,
-                "iters": pair.teacher_iters,
-                "overrides": pair.overrides,
-            }
-        )
-        return self.cache / "teachers" / f"{pair.teacher}-{key}"
+        fields: dict[str, Any] = {
+            "data": asdict(self.suite.data),
+            "model": pair.teacher,
+            "iters": pair.teacher_iters,
+            "overrides": pair.overrides,
+        }
+        backbone = self.backbone_of(pair, pair.teacher) if pair.teacher else None
+        if backbone:  # only when set: the folders of teachers trained from scratch keep their names
+            fields["backbone"] = self.pretrain_dir(backbone).name
+        return self.cache / "teachers" / f"{pair.teacher}-{_hash(fields)}"
 
     def run_dir(self, spec: RunSpec) -> Path:
         """A run's folder, keyed by everything that defines the run: a changed setting never reuses old results."""
+        if spec.kind == "pretrain":
+            return self.pretrain_dir(spec.model)
         pair = self._pair(spec.pair)
         if spec.kind == "teacher":
             return self.teacher_dir(pair)
         teacher = self.teacher_dir(pair).name if pair.teacher and spec.command == "distill" else None
-        key = _hash(
-            {
-                "data": asdict(self.suite.data),
-                "model": spec.model,
-                "iters": spec.iters,
-                "overrides": spec.overrides,
-                "methods": spec.methods,
-                "teacher": teacher,
-            }
-        )
+        fields: dict[str, Any] = {
+            "data": asdict(self.suite.data),
+            "model": spec.model,
+            "iters": spec.iters,
+            "overrides": spec.overrides,
+            "methods": spec.methods,
+            "teacher": teacher,
+        }
+        # Only when set, so that the folders of runs without them keep their names.
+        if spec.backbone:
+            fields["backbone"] = self.pretrain_dir(spec.backbone).name
+        if spec.init is not None:
+            fields["init"] = self.run_dir(spec.init).relative_to(self.root).as_posix()
         # Content-addressed: two rows with identical settings (e.g. a reference student that equals another pair's
         # baseline) share one run.
         name = spec.model + ("+" + "+".join(spec.methods) if spec.methods else "")
-        return self.root / "runs" / name / key / f"seed{spec.seed}"
+        return self.root / "runs" / name / _hash(fields) / f"seed{spec.seed}"
+
+    def dependencies(self, spec: RunSpec) -> list[Path]:
+        """The run folders ``spec`` reads: its pretrained backbone, its teacher, the run it is initialised from."""
+        deps = [self.pretrain_dir(spec.backbone)] if spec.backbone else []
+        if spec.kind not in ("pretrain", "teacher"):
+            pair = self._pair(spec.pair)
+            if spec.command == "distill" and pair.teacher and needs_teacher("+".join(spec.methods)):
+                deps.append(self.teacher_dir(pair))
+        if spec.init is not None:
+            deps.append(self.run_dir(spec.init))
+        return deps
+
+    def inputs(self, spec: RunSpec) -> list[str]:
+        """Overrides naming the files ``spec`` reads (paths are not part of its key, the folders' names are)."""
+        extra = [f"model.backbone_weights={self.pretrain_weights(spec.backbone)}"] if spec.backbone else []
+        if spec.init is not None:
+            extra.append(f"model.weights={self.run_dir(spec.init) / 'student.pt'}")
+        return extra
 
     def _pair(self, name: str) -> Pair:
         return next(p for p in self.pairs if p.name == name)
@@ -155,10 +225,40 @@ class Plan:
     def _method_rows(self, pair: Pair) -> list[str]:
         return [r for r in pair.methods if self._selected(r)]
 
+    def _calibrate(self, pair: Pair) -> list[str]:
+        on = self.suite.calibrate if pair.calibrate is None else pair.calibrate
+        return ["distill.calibrate=auto"] if on else []
+
+    def _eval_cap(self) -> list[str]:
+        return [f"data.val_max_images={self.suite.eval_images}"] if self.suite.eval_images else []
+
+    def pretrain_specs(self, all_teachers: bool = False) -> list[RunSpec]:
+        """One pretrain run per backbone that a planned run starts from (``all_teachers``: also the backbone of
+        teachers no selected row needs, for the learning curves)."""
+        backbones: dict[str, str] = {}
+        for pair in self.pairs:
+            models = [pair.student, *(m for m, _ in pair.references.values())]
+            if pair.teacher and (all_teachers or any(self._needs_teacher(m) for m in self._method_rows(pair))):
+                models.append(pair.teacher)
+            for model in models:
+                backbone = self.backbone_of(pair, model)
+                if backbone:
+                    backbones.setdefault(backbone, pair.name)
+        specs = []
+        cap = ["--val-max-images", str(self.suite.eval_images)] if self.suite.eval_images else []
+        for backbone, pair_name in backbones.items():
+            recipe: PretrainRecipe = self.suite.pretrain[backbone]
+            options = ["--crop-size", str(recipe.crop_size), "--batch-size", str(recipe.batch_size), *cap]
+            specs.append(
+                RunSpec(pair_name, f"pretrain:{backbone}", "pretrain", "pretrain", backbone, recipe.iters, 0, options)
+            )
+        return specs
+
     def plan(self) -> list[RunSpec]:
-        """Teachers first, then per seed: baseline, references, methods (time-matched runs come later)."""
-        specs: list[RunSpec] = []
-        eval_cap = [f"data.val_max_images={self.suite.eval_images}"] if self.suite.eval_images else []
+        """Pretrained backbones and teachers first, then per seed: baseline, references, methods, variants and
+        fine-tunes (time-matched runs come later)."""
+        specs = self.pretrain_specs()
+        eval_cap = self._eval_cap()
         teachers: set[Path] = set()
         for pair in self.pairs:
             needed = pair.teacher and any(self._needs_teacher(m) for m in self._method_rows(pair))
@@ -175,14 +275,25 @@ class Plan:
                         0,
                         pair.overrides + eval_cap,
                         teacher_row=True,
+                        backbone=self.backbone_of(pair, pair.teacher),
                     )
                 )
         for seed in range(self.seeds):
             for pair in self.pairs:
                 student = pair.overrides + pair.student_overrides + eval_cap
-                specs.append(
-                    RunSpec(pair.name, "baseline", "baseline", "train", pair.student, pair.student_iters, seed, student)
+                backbone = self.backbone_of(pair, pair.student)
+                baseline = RunSpec(
+                    pair.name,
+                    "baseline",
+                    "baseline",
+                    "train",
+                    pair.student,
+                    pair.student_iters,
+                    seed,
+                    student,
+                    backbone=backbone,
                 )
+                specs.append(baseline)
                 for key, (model, extra) in pair.references.items():
                     specs.append(
                         RunSpec(
@@ -194,12 +305,20 @@ class Plan:
                             pair.student_iters,
                             seed,
                             pair.overrides + extra + eval_cap,
+                            backbone=self.backbone_of(pair, model),
                         )
                     )
+                calibrate = self._calibrate(pair)
                 rows = [(row, row, []) for row in self._method_rows(pair)]
                 rows += [(key, row, extra) for key, (row, extra) in pair.variants.items() if self._selected(row)]
                 for key, row, own in rows:
-                    extra = [o for m in row.split("+") for o in pair.method_overrides.get(m, [])] + own
+                    # A variant that sets the calibration itself shows the other choice on the same pair.
+                    own_calibration = any(o.startswith("distill.calibrate=") for o in own)
+                    extra = (
+                        ([] if own_calibration else calibrate)
+                        + [o for m in row.split("+") for o in pair.method_overrides.get(m, [])]
+                        + own
+                    )
                     specs.append(
                         RunSpec(
                             pair.name,
@@ -211,6 +330,28 @@ class Plan:
                             seed,
                             student + extra,
                             methods=row.split("+"),
+                            backbone=backbone,
+                        )
+                    )
+                for key, ft in pair.finetunes.items():
+                    if ft.methods and not self._selected(ft.methods):
+                        continue
+                    methods = ft.methods.split("+") if ft.methods else []
+                    extra = (calibrate if methods else []) + [
+                        o for m in methods for o in pair.method_overrides.get(m, [])
+                    ]
+                    specs.append(
+                        RunSpec(
+                            pair.name,
+                            key,
+                            "finetune",
+                            "distill" if methods else "train",
+                            pair.student,
+                            ft.iters,
+                            seed,
+                            student + extra + ft.overrides,
+                            methods=methods,
+                            init=baseline,  # model.weights replaces the pretrained backbone
                         )
                     )
         return specs
@@ -222,7 +363,7 @@ class Plan:
     def time_matched_specs(self, timing: dict[str, Any]) -> list[RunSpec]:
         """Baselines trained for as long (in wall-clock) as each method's runs, from the measured ratios."""
         specs = []
-        eval_cap = [f"data.val_max_images={self.suite.eval_images}"] if self.suite.eval_images else []
+        eval_cap = self._eval_cap()
         for pair in self.pairs:
             if not pair.time_matched:
                 continue
@@ -241,6 +382,7 @@ class Plan:
                             int(round(pair.student_iters * factor)),
                             seed,
                             pair.overrides + pair.student_overrides + eval_cap,
+                            backbone=self.backbone_of(pair, pair.student),
                         )
                     )
         return specs

@@ -42,12 +42,14 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
         base50 = _stats([r["AP50"] for r in mine if r["row"] == "baseline"])
         t = timing.get(name, {})
         row_methods = {key: row for key, (row, _) in (pair.get("variants") or {}).items()}
+        row_methods.update({key: ft["methods"] for key, ft in (pair.get("finetunes") or {}).items()})
         rows = [
             "teacher",
             "baseline",
             *pair["references"],
             *pair["methods"],
             *pair.get("variants", {}),
+            *pair.get("finetunes", {}),
             *sorted({r["row"] for r in mine if r["kind"] == "time_matched"}),
         ]
         for row in rows:
@@ -75,7 +77,8 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
                     1 for r in results["records"] if r["pair"] == name and r["row"] == row and r.get("failed")
                 ),
             }
-            if runs[0]["kind"] == "method":
+            # A fine-tune row is judged as GKD's paper judges it: against the converged baseline it starts from.
+            if runs[0]["kind"] in ("method", "finetune"):
                 entry["gain"] = None if base["mean"] is None else ap["mean"] - base["mean"]
                 entry["gain_AP50"] = None if base50["mean"] is None else ap50["mean"] - base50["mean"]
                 entry["gain_over_2std"] = (
@@ -90,7 +93,8 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
                     row_t = {}  # a diverged timed step does different work: its time is not the method's
                 entry["step_s"] = row_t.get("step_s")
                 # A row that runs no teacher is compared with the student's own step.
-                teacher_free = pair["teacher"] is None or not needs_teacher(row_methods.get(row, row))
+                methods = row_methods.get(row, row)
+                teacher_free = pair["teacher"] is None or not methods or not needs_teacher(methods)
                 entry["step_ratio"] = row_t.get("ratio_student") if teacher_free else row_t.get("ratio")
                 entry["step_ratio_student"] = row_t.get("ratio_student")
                 factor = None
@@ -256,6 +260,16 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
         f"- **Protocol:** every student row uses the same data, schedule and seeds ({results['seeds']} seeds: 0.."
         f"{results['seeds'] - 1}); each teacher trained once (seed 0) and cached. {results['jobs']} run(s) at a time, "
         f"{results['threads_per_run']} CPU thread(s) each. Metrics on the full val split.",
+    ]
+    pretrained = [r for r in results["records"] if r["kind"] == "pretrain" and not r.get("failed")]
+    if pretrained:
+        lines.append(
+            "- **Pretrained backbones** (`detkd pretrain` on the suite's training crops, the stand-in for ImageNet "
+            "weights; val top-1 on the val crops): "
+            + ", ".join(f"{r['model']} {r['iters']} steps, top-1 {_num(r.get('top1'), '.3f')}" for r in pretrained)
+            + "."
+        )
+    lines += [
         "- **Columns:** mAP = COCO mAP@[.5:.95] (mean ± std over seeds); gain = method − baseline (same schedule); "
         "gain (time) = method − baseline trained for the same wall-clock time (the baseline's iterations × the "
         f"method's measured step-time ratio, rounded up to a {results.get('time_grid', 0.25):g} grid: row `tmX`; "
@@ -291,6 +305,19 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
             + "".join(
                 f"`{key}` is `{row}` with `{' '.join(o)}` (not timed). "
                 for key, (row, o) in (pair.get("variants") or {}).items()
+            )
+            + "".join(
+                f"`{key}` starts from the baseline's student of the same seed and trains {ft['iters']} more steps "
+                + (f"with `{ft['methods']}`" if ft["methods"] else "alone")
+                + (f" (`{' '.join(ft['overrides'])}`)" if ft["overrides"] else "")
+                + "; its gain is over that baseline. "
+                for key, ft in (pair.get("finetunes") or {}).items()
+            )
+            + ("Every run starts from the suite's pretrained backbones. " if pair.get("pretrained") else "")
+            + (
+                "Method rows run with `distill.calibrate=auto`. "
+                if (results.get("calibrate") if pair.get("calibrate") is None else pair["calibrate"])
+                else ""
             )
             + (
                 f"Student step {t['student_step_s']:.3f} s, teacher forward "

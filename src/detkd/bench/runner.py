@@ -1,8 +1,9 @@
 """Running a suite: every run an ordinary ``detkd train``/``distill`` child process in its own folder.
 
 An interrupted suite resumes where it stopped: finished runs are read back, unfinished ones continue from their
-``last.pt``. Stopping ``detkd bench`` (SIGTERM, or Ctrl-C) stops every child run it started first, so each folder
-is left as a resumable run (its last checkpoint), and the same command resumes them.
+``last.pt``; a backbone pretraining (``detkd pretrain``) is resumed as a unit: a finished weights file is reused, an
+unfinished one is trained again. Stopping ``detkd bench`` (SIGTERM, or Ctrl-C) stops every child run it started
+first, so each folder is left as a resumable run (its last checkpoint), and the same command resumes them.
 
 The timing phase (:mod:`detkd.bench.timing`) runs in this process, after the accuracy runs.
 """
@@ -63,8 +64,18 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 def run_label(spec: RunSpec) -> str:
-    """How the progress display names a run: ``frcnn/kd seed 0``, ``frcnn/teacher``."""
+    """How the progress display names a run: ``frcnn/kd seed 0``, ``frcnn/teacher``, ``pretrain r18``."""
+    if spec.kind == "pretrain":
+        return f"pretrain {spec.model}"
     return f"{spec.pair}/{spec.row}" + ("" if spec.kind == "teacher" else f" seed {spec.seed}")
+
+
+STAGES = {"pretrain": 0, "teacher": 1}  # queue order; every other run comes after, in plan order
+
+
+def done_marker(spec: RunSpec, out: Path) -> Path:
+    """The file a finished run leaves last: a pretraining's JSON report, a training run's ``final.json``."""
+    return out / f"{spec.model}.json" if spec.kind == "pretrain" else out / "final.json"
 
 
 class Bench(Plan):
@@ -105,15 +116,16 @@ class Bench(Plan):
 
     def _launch(self, spec: RunSpec) -> dict[str, Any]:
         out = self.run_dir(spec)
-        final = out / "final.json"
+        final = done_marker(spec, out)
         if final.exists():
             return self._record(spec, out)
+        deps = self.dependencies(spec)
         pair = self._pair(spec.pair)
-        teacher = self.teacher_dir(pair) / "student.pt" if spec.command == "distill" and pair.teacher else None
-        if teacher is not None and not self._needs_teacher("+".join(spec.methods)):
-            teacher = None
-        args = spec.args(self.data_dir, out, teacher)
-        if (out / "last.pt").exists():
+        teacher = self.teacher_dir(pair) / "student.pt" if pair.teacher and self.teacher_dir(pair) in deps else None
+        args = spec.args(self.data_dir, out, teacher, self.inputs(spec))
+        if spec.kind == "pretrain":
+            pass  # trained again from the start: `detkd pretrain` writes its weights only once finished
+        elif (out / "last.pt").exists():
             args.append("--resume")
         elif (out / "best.pt").exists() or (out / "student.pt").exists():
             args.append("--overwrite")  # killed after an evaluation but before its first checkpoint: start over
@@ -138,9 +150,9 @@ class Bench(Plan):
             return {**self._base_record(spec, out), "failed": True, "error": "stopped", "wall_s": round(wall, 1)}
         if proc.returncode != 0 or not final.exists():
             tail = (out / "run.log").read_text().strip().splitlines()[-1:] or ["?"]
-            log.error("%s/%s seed %d failed (exit %d): %s", spec.pair, spec.row, spec.seed, proc.returncode, tail[0])
+            log.error("%s failed (exit %d): %s", run_label(spec), proc.returncode, tail[0])
             return {**self._base_record(spec, out), "failed": True, "error": tail[0], "wall_s": round(wall, 1)}
-        log.info("%s/%s seed %d done in %.0f s", spec.pair, spec.row, spec.seed, wall)
+        log.info("%s done in %.0f s", run_label(spec), wall)
         return self._record(spec, out)
 
     def _base_record(self, spec: RunSpec, out: Path) -> dict[str, Any]:
@@ -156,6 +168,16 @@ class Bench(Plan):
         }
 
     def _record(self, spec: RunSpec, out: Path) -> dict[str, Any]:
+        if spec.kind == "pretrain":
+            report = json.loads(done_marker(spec, out).read_text())
+            return {
+                **self._base_record(spec, out),
+                "weights": str(out / f"{spec.model}.pt"),
+                "top1": report.get("top1"),
+                "top1_objects": report.get("top1_objects"),
+                "train_time_s": report.get("train_time_s"),
+                "threads": report.get("threads"),
+            }
         final = json.loads((out / "final.json").read_text())
         m = final.get("metrics", {})
         return {
@@ -172,14 +194,16 @@ class Bench(Plan):
         }
 
     def run_all(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
-        """One queue, teachers first, then in plan order; a distillation row waits only for its own pair's teacher
-        (and is dropped if that teacher failed), so a free slot never waits on another pair's runs. Progress is
-        shown while the runs go; a stop (SIGTERM, Ctrl-C) stops every child run before it propagates."""
+        """One queue, pretrained backbones and teachers first, then in plan order; a run waits only for the runs it
+        reads (:meth:`~detkd.bench.plan.Plan.dependencies`: its backbone, its own pair's teacher, the baseline a
+        fine-tune starts from) and is dropped if one of them failed, so a free slot never waits on another pair's
+        runs. Progress is shown while the runs go; a stop (SIGTERM, Ctrl-C) stops every child run before it
+        propagates."""
         # Rows with identical settings share a run folder: train it once, then record it under each row.
         unique = {self.run_dir(s): s for s in specs}
-        queue = sorted(unique.values(), key=lambda s: s.kind != "teacher")  # stable: plan order otherwise
-        waits_for = {self.run_dir(s): self._teacher_run(s) for s in queue}
-        waits_for = {d: t if t in unique else None for d, t in waits_for.items()}  # a teacher outside specs is done
+        queue = sorted(unique.values(), key=lambda s: STAGES.get(s.kind, len(STAGES)))  # stable: plan order otherwise
+        # A dependency outside specs (a teacher of the time-matched phase) is done already.
+        waits_for = {self.run_dir(s): [d for d in self.dependencies(s) if d in unique] for s in queue}
         states = {out: RunState(run_label(s), s.model, s.iters) for out, s in unique.items()}
         succeeded: dict[Path, bool] = {}
         dropped: set[Path] = set()
@@ -192,20 +216,21 @@ class Bench(Plan):
                         if len(running) >= self.jobs:
                             break
                         out = self.run_dir(spec)
-                        teacher = waits_for[out]
-                        if teacher is not None and teacher not in succeeded:
+                        if any(d not in succeeded for d in waits_for[out]):
                             continue
                         queue.remove(spec)
-                        if teacher is not None and not succeeded[teacher]:
-                            log.error("%s/%s seed %d not run: its teacher failed", spec.pair, spec.row, spec.seed)
+                        failed = [d.name for d in waits_for[out] if not succeeded[d]]
+                        if failed:
+                            log.error("%s not run: the run it reads failed (%s)", run_label(spec), ", ".join(failed))
                             dropped.add(out)
+                            succeeded[out] = False  # the runs that read this one are dropped in turn
                             states[out].status = "failed"
                             continue
                         running[pool.submit(self._launch, spec)] = out
                         states[out].status = "running"
                     if not running:
                         if queue:
-                            raise RuntimeError(f"bench queue stalled: {len(queue)} run(s) wait on a teacher never run")
+                            raise RuntimeError(f"bench queue stalled: {len(queue)} run(s) wait on a run never run")
                         break
                     finished, _ = wait(running, timeout=PROGRESS_TICK_S, return_when=FIRST_COMPLETED)
                     for future in finished:
@@ -239,12 +264,6 @@ class Bench(Plan):
                 proc.wait()
         if children:
             log.warning("stopped %d running training run(s); run the same command again to resume them", len(children))
-
-    def _teacher_run(self, spec: RunSpec) -> Path | None:
-        pair = self._pair(spec.pair)
-        if spec.command == "distill" and pair.teacher and self._needs_teacher("+".join(spec.methods)):
-            return self.teacher_dir(pair)
-        return None
 
     # ----- timing
     def measure(self, saved: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -337,6 +356,8 @@ class Bench(Plan):
             "pairs_not_run": [p.name for p in self.suite.pairs if p not in self.pairs],
             "seeds": self.seeds,
             "time_grid": self.suite.time_grid,
+            "calibrate": self.suite.calibrate,
+            "pretrain": {b: asdict(r) for b, r in self.suite.pretrain.items()},
             "jobs": self.jobs,
             "threads_per_run": self.threads,
             "machine": machine_info(),
