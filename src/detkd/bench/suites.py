@@ -132,8 +132,6 @@ BINARY = [
     "optim.clip_grad_norm=7.0",
 ]
 
-# GKD's released config leaves the global (prototype-relation) loss off; the paper has it on.
-GKD_GLOBAL = {"gkd-global": ("gkd", ["distill.options.gkd.global_loss=true"])}
 # No per-pair loss constant: a pair's method rows run with their papers' weights or, where the pair says so, with
 # distill.calibrate=auto; these variant rows show the other choice on the same pair.
 PAPER_WEIGHTS = ["distill.calibrate=off"]
