@@ -7,6 +7,7 @@ torchvision Faster R-CNN of the same shape, and the ImageNet ResNet-18 by a rand
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -34,7 +35,7 @@ def recipe_commands() -> list[list[str]]:
 
 def test_the_recipe_commands_are_the_documented_ones():
     commands = recipe_commands()
-    assert [c[0] for c in commands] == ["train", "train", "distill", "eval"]
+    assert [c[0] for c in commands] == ["train", "train", "distill", "eval", "predict"]
     assert "--weights" in commands[0] and "--student-weights" in commands[2]
 
 
@@ -47,10 +48,19 @@ def test_recipe_runs_as_written(tmp_path, monkeypatch):
     coco = tvd.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict()
     monkeypatch.setattr(tvd.FasterRCNN_ResNet50_FPN_Weights, "get_state_dict", lambda self, *a, **k: coco)
     torch.save(torchvision.models.resnet18().state_dict(), "resnet18.pth")
+    make_digits("held_out", train=1, val=3, size=128, seed=5)  # images the models never saw
+    Path("new_images").mkdir()
+    for image in sorted(Path("held_out").rglob("*.png"))[:3]:
+        (Path("new_images") / image.name).write_bytes(image.read_bytes())
     for argv in recipe_commands():
         if argv[0] == "eval":
             assert main([*argv, "--no-progress", "--max-images", "2"]) == 0
             continue
+        if argv[0] == "predict":
+            assert main([*argv, "--device", "cpu"]) == 0
+            continue
         extra = ["--backbone-weights", "resnet18.pth"] if "frcnn_r18" in argv and argv[0] == "train" else []
         assert main([*argv, *SMALL, *extra]) == 0, argv
     assert Path("runs/gkd/best.pt").is_file()
+    predictions = json.loads(Path("predictions/predictions.json").read_text())
+    assert isinstance(predictions, list) and len(list(Path("new_images").iterdir())) == 3
