@@ -51,7 +51,7 @@ def test_recipe_runs_as_written(tmp_path, monkeypatch):
     make_digits("held_out", train=1, val=3, size=128, seed=5)  # images the models never saw
     Path("new_images").mkdir()
     for image in sorted(Path("held_out").rglob("*.png"))[:3]:
-        (Path("new_images") / image.name).write_bytes(image.read_bytes())
+        (Path("new_images") / f"{image.parent.name}_{image.name}").write_bytes(image.read_bytes())
     for argv in recipe_commands():
         if argv[0] == "eval":
             assert main([*argv, "--no-progress", "--max-images", "2"]) == 0
