@@ -127,7 +127,9 @@ def export_onnx(detector: Detector, path: str | Path, size: tuple[int, int], ops
     except Exception as exc:  # noqa: BLE001  (the exporter's errors have no common type)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "onnx is not installed" in first.lower():
-            raise DetkdError("ONNX export needs the onnx package, which is not installed: `pip install detkd[export]`") from None
+            raise DetkdError(
+                "ONNX export needs the onnx package, which is not installed: `pip install detkd[export]`"
+            ) from None
         raise DetkdError(
             f"ONNX export of {detector.spec['name']} failed ({type(exc).__name__}: {first}); "
             "this detector is not supported by the exporter yet"
