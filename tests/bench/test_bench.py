@@ -316,3 +316,11 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert {"teacher", "baseline", "kd", "fitnet"} <= rows
     assert Path(tmp_path / "smoke" / "BENCHMARKS.md").exists()
     assert main(["bench", "--suite", "smoke", "--out", str(tmp_path), "--render", str(tmp_path / "B.md")]) == 0
+
+
+def test_report_command_names_no_machine_folder():
+    from detkd.bench.report import portable_command
+
+    assert portable_command("detkd bench --suite cpu --out /srv/x/benchruns --jobs 2") == (
+        "detkd bench --suite cpu --out benchruns --jobs 2"
+    )

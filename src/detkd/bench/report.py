@@ -143,6 +143,12 @@ def _num(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def portable_command(command: str) -> str:
+    """The command line with each absolute path cut to its last part: a generated report names no folder of the
+    machine that made it."""
+    return " ".join(Path(arg).name if arg.startswith("/") else arg for arg in command.split(" "))
+
+
 def write_plots(results: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
     """mAP per row with error bars, and training-loss curves, per pair. Returns pair -> PNG paths."""
     from detkd.viz import map_bar_chart, pyplot
@@ -393,7 +399,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
             if results.get("wall_s")
             else ""
         )
-        + f". Command: `{results['command']}`.",
+        + f". Command: `{portable_command(results['command'])}`.",
     ]
     if results.get("pairs_not_run"):
         lines.append(
