@@ -172,7 +172,7 @@ def test_demo_and_smoke_do_not_pretrain_and_keep_their_run_folders(tmp_path):
 
 
 def test_curve_runs_are_teachers_and_students_at_1x_and_2x_with_periodic_evaluation(tmp_path):
-    bench = Bench(tiny_suite(), tmp_path)
+    bench = Bench(tiny_suite(time_matched=True), tmp_path)
     specs = curve_specs(bench)
     assert [s.kind for s in specs[:1]] == ["pretrain"]
     frcnn = {(s.row, s.seed): s for s in specs if s.pair == "frcnn"}
@@ -188,9 +188,14 @@ def test_curve_runs_are_teachers_and_students_at_1x_and_2x_with_periodic_evaluat
     assert "train.eval_every=1" in frcnn["student@2x", 0].overrides
     assert frcnn["student@1x", 0].backbone == "r18"
     assert {s.row for s in specs if s.pair == "free"} == {"student@1x", "student@2x"}
-    # A curve run never shares a folder with a suite run (its evaluations are what it is for).
-    suite_dirs = {bench.run_dir(s) for s in bench.plan() if s.kind != "pretrain"}
-    assert not suite_dirs & {bench.run_dir(s) for s in specs if s.kind == "curve"}
+    # The 1x runs are the suite's teacher and baselines (evaluations do not key a folder), the student's 2x run its
+    # same-wall-clock baseline at factor 2; the teacher's 2x run is the study's own.
+    plan = {(s.pair, s.row, s.seed): bench.run_dir(s) for s in bench.plan()}
+    assert bench.run_dir(frcnn["teacher@1x", 0]) == plan["frcnn", "teacher", 0] == bench.teacher_dir(bench.pairs[0])
+    assert bench.run_dir(frcnn["student@1x", 1]) == plan["frcnn", "baseline", 1]
+    tm2 = bench.time_matched_specs({"frcnn": {"student_step_s": 1.0, "rows": {"kd": {"step_s": 1.9}}}})
+    assert bench.run_dir(frcnn["student@2x", 0]) == bench.run_dir(next(s for s in tm2 if s.seed == 0))
+    assert bench.run_dir(frcnn["teacher@2x", 0]) not in plan.values()
 
 
 def _curve(pair, row, seed, finals):
@@ -386,3 +391,13 @@ def test_sigterm_stops_a_pretraining_and_the_same_command_trains_it_again(tmp_pa
         "finetune-alone",
     }
     assert [c["command"] for c in calls(root)].count("pretrain") == 2  # stopped, then trained again from the start
+
+
+def test_a_run_without_evaluations_along_the_way_gives_its_final_point(tmp_path):
+    from detkd.bench.curves import read_curve
+
+    assert read_curve(tmp_path) == []
+    (tmp_path / "final.json").write_text(json.dumps({"iters": 600, "metrics": {"AP": 0.25, "AP50": 0.5}}))
+    assert read_curve(tmp_path) == [{"iter": 600, "AP": 0.25, "AP50": 0.5}]
+    (tmp_path / "eval.jsonl").write_text('{"iter": 300, "AP": 0.2, "AP50": 0.4}\n{"iter": 600, "AP": 0.3}\n')
+    assert [p["AP"] for p in read_curve(tmp_path)] == [0.2, 0.3]

@@ -3,7 +3,10 @@
 For every pair of the suite it trains, from the suite's pretrained backbones where the pair uses them, the teacher
 (seed 0) and the baseline student (every seed) at the pair's schedule, and both once more (seed 0) at twice the
 schedule, each evaluated :data:`CURVE_POINTS` times along the way (``train.eval_every``; evaluation does not change
-training). It writes ``curves.json``, one PNG per pair and a Markdown section (``curves.md``) that states, per pair:
+training). The 1x runs are the suite's own teacher and baseline runs and the student's 2x run is its
+same-wall-clock baseline at factor 2 (run folders are keyed without ``train.eval_every``), so the study's compute is
+not spent twice; run it before the suite, so that those folders hold their evaluations. It writes ``curves.json``,
+one PNG per pair and a Markdown section (``curves.md``) that states, per pair:
 
 - the student's final mAP at 1x (mean ± std over seeds) and at 2x, and whether 2x adds less than the seeds'
   spread (2 std) or less than 0.01 mAP: the protocol's test of a converged schedule;
@@ -47,9 +50,19 @@ def curve_specs(bench: Bench) -> list[RunSpec]:
         for row, model, iters, seed, overrides in runs:
             every = [f"train.eval_every={max(1, iters // CURVE_POINTS)}"]
             backbone = bench.backbone_of(pair, model)
+            teacher = row == "teacher@1x"  # the suite's cached teacher
             specs.append(
                 RunSpec(
-                    pair.name, row, "curve", "train", model, iters, seed, overrides + cap + every, backbone=backbone
+                    pair.name,
+                    row,
+                    "curve",
+                    "train",
+                    model,
+                    iters,
+                    seed,
+                    overrides + cap + every,
+                    teacher_row=teacher,
+                    backbone=backbone,
                 )
             )
     return specs
@@ -58,8 +71,13 @@ def curve_specs(bench: Bench) -> list[RunSpec]:
 def read_curve(run: Path) -> list[dict[str, Any]]:
     """The evaluations of one run (``eval.jsonl``): step, AP, AP50."""
     path = run / "eval.jsonl"
-    if not path.exists():
-        return []
+    if not path.exists():  # a suite run trained before the study: only its final evaluation
+        final = run / "final.json"
+        if not final.exists():
+            return []
+        report = json.loads(final.read_text())
+        m = report.get("metrics", {})
+        return [{"iter": int(report.get("iters", 0)), "AP": m.get("AP"), "AP50": m.get("AP50")}]
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     points: dict[int, dict[str, Any]] = {}
     for r in rows:  # a resumed run may evaluate a step twice: the last one counts

@@ -24,6 +24,12 @@ def _hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def key_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that define a run's result: ``train.eval_every`` only adds evaluations along the way (training
+    is the same with or without them), so a learning-curve run and a suite run of the same settings share a folder."""
+    return [o for o in overrides if not o.startswith("train.eval_every=")]
+
+
 def _stamp(path: Path) -> list[int] | None:
     """Size and modification time of a file: a re-trained checkpoint at the same path is a new one."""
     try:
@@ -46,7 +52,7 @@ class RunSpec:
     seed: int
     overrides: list[str]  # config overrides; for a pretrain run, its command-line options
     methods: list[str] = field(default_factory=list)
-    teacher_row: bool = False
+    teacher_row: bool = False  # the pair's teacher at its schedule: its folder is the cached teacher
     backbone: str | None = None  # the suite's pretrained backbone this run starts from
     init: RunSpec | None = None  # the run whose student.pt initialises this one (model.weights)
 
@@ -165,7 +171,7 @@ class Plan:
             "data": asdict(self.suite.data),
             "model": pair.teacher,
             "iters": pair.teacher_iters,
-            "overrides": pair.overrides,
+            "overrides": key_overrides(pair.overrides),
         }
         backbone = self.backbone_of(pair, pair.teacher) if pair.teacher else None
         if backbone:  # only when set: the folders of teachers trained from scratch keep their names
@@ -177,14 +183,14 @@ class Plan:
         if spec.kind == "pretrain":
             return self.pretrain_dir(spec.model)
         pair = self._pair(spec.pair)
-        if spec.kind == "teacher":
+        if spec.kind == "teacher" or spec.teacher_row:
             return self.teacher_dir(pair)
         teacher = self.teacher_dir(pair).name if pair.teacher and spec.command == "distill" else None
         fields: dict[str, Any] = {
             "data": asdict(self.suite.data),
             "model": spec.model,
             "iters": spec.iters,
-            "overrides": spec.overrides,
+            "overrides": key_overrides(spec.overrides),
             "methods": spec.methods,
             "teacher": teacher,
         }

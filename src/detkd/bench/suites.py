@@ -141,17 +141,18 @@ AUTO_WEIGHTS = ["distill.calibrate=auto"]
 # regime study has run. `detkd bench --suite cpu --curves` measures the learning curves of its pretrained teachers
 # and baseline students at 1x and 2x these schedules; docs/benchmark-regime.md records them and the numbers below
 # are fixed from it (a student schedule where 2x the steps adds less than the seeds' spread, teachers at their
-# plateau, teacher - student >= 0.08 mAP, else a weaker student).
+# plateau, teacher - student >= 0.08 mAP, else a weaker student). They are sized for the suite's budget: about 10 h
+# on 2 cores with 2 jobs (~110 student runs of 3 seeds, 1-1.6 s a step with one thread each, plus teachers).
 CPU_PRETRAIN = {
     "r18": PretrainRecipe(iters=2000, crop_size=64, batch_size=64),
     "r50": PretrainRecipe(iters=2000, crop_size=64, batch_size=64),
     "bireal18": PretrainRecipe(iters=4000, crop_size=64, batch_size=64),  # two steps of 2000 (real, then binary)
 }
-CPU_TEACHER_ITERS = 3000
-CPU_STUDENT_ITERS = 1200
-CPU_FINETUNE_ITERS = 400  # GKD's protocol: a shorter fine-tune of the converged baseline
-CPU_DETR_TEACHER_ITERS = 4000
-CPU_DETR_STUDENT_ITERS = 2000
+CPU_TEACHER_ITERS = 2000
+CPU_STUDENT_ITERS = 600
+CPU_FINETUNE_ITERS = 300  # GKD's protocol: a shorter fine-tune of the converged baseline
+CPU_DETR_TEACHER_ITERS = 3000
+CPU_DETR_STUDENT_ITERS = 1000
 
 SUITES: dict[str, Suite] = {
     "smoke": Suite(
