@@ -324,3 +324,22 @@ def test_report_command_names_no_machine_folder():
     assert portable_command("detkd bench --suite cpu --out /srv/x/benchruns --jobs 2") == (
         "detkd bench --suite cpu --out benchruns --jobs 2"
     )
+
+
+def test_timing_uses_the_dataset_settings_the_runs_use(tmp_path, monkeypatch):
+    """time_pair reads the dataset's detkd.yaml as the training runs do: cost accounted at the runs' image size."""
+    from detkd.bench import timing as bench_timing
+    from detkd.data import make_digits
+    from detkd.engine.checkpoint import save_student
+    from tests.conftest import tiny
+
+    data = tmp_path / "digits"
+    make_digits(data, train=8, val=2, size=64)
+    ckpt = tmp_path / "student.pt"
+    save_student(ckpt, tiny("frcnn_r18", 10), [str(i) for i in range(10)])
+    sizes = []
+    monkeypatch.setattr(bench_timing, "model_cost_or_none", lambda detector, size: sizes.append(size) or {})
+    monkeypatch.setattr(bench_timing, "_median_time", lambda fn, repeats, warmup=2: fn() or 0.01)  # latency: once
+    result = bench_timing.time_pair(data, ckpt, ckpt, ["fitnet"], ["data.batch_size=2"], steps=1)
+    assert sizes == [64] and result["batch_size"] == 2
+    assert set(result["rows"]) == {"fitnet"} and result["rows"]["fitnet"]["step_s"] > 0

@@ -120,7 +120,9 @@ def time_pair(
     from detkd.engine.launch import RunContext
     from detkd.methods import METHODS
 
-    cfg = load_config(overrides=overrides)
+    # The runs' own layers: the dataset's settings (detkd.yaml: preset, image size), then the pair's overrides.
+    overrides = [f"data.root={data}", *overrides]
+    cfg = load_config(overrides=overrides, dataset_settings=True)
     train_set = build_dataset(data, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
     loader = build_train_loader(train_set, cfg.data.batch_size, seed=1234)
     batches = [next(loader) for _ in range(3)]
@@ -165,7 +167,10 @@ def time_pair(
         needs_teacher = any(METHODS.get(m).needs_teacher for m in methods)
         s = copy.deepcopy(student)
         # The row's own settings (weights, options), as its training runs have them.
-        row_cfg = load_config(overrides=overrides + [o for m in methods for o in (method_overrides or {}).get(m, [])])
+        row_cfg = load_config(
+            overrides=overrides + [o for m in methods for o in (method_overrides or {}).get(m, [])],
+            dataset_settings=True,
+        )
         distillers = build_distillers(methods, row_cfg.distill.options, s, teacher if needs_teacher else None)
         model = DistillModel(
             s,
