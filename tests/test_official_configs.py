@@ -25,6 +25,8 @@ TINY = [
     "model.preset=slim",
     "model.min_size=64",
     "model.max_size=64",
+    "model.train_sizes=[48,64]",  # the recipes' multi-scale training, at tiny sizes
+    "model.train_max_size=null",
     "model.backbone_weights=none",
     "data.batch_size=2",
     "data.val_max_images=1",
@@ -70,12 +72,15 @@ def test_every_seed_method_has_an_official_recipe():
 def test_official_values():
     ida = load_config(OFFICIAL / "ida_frcnn.yaml")
     assert ida.model.binary_grad_scale == 50.0 and ida.model.task_loss_weight == 5.0
+    assert ida.model.train_sizes == [400, 600, 900] and ida.model.train_max_size == 1500
     lgd = load_config(OFFICIAL / "lgd_retinanet.yaml")
     assert lgd.optim.clip_grad_value == 1.0 and lgd.optim.clip_grad_norm is None
     assert lgd.distill.options["lgd"]["freeze_backbone_iters"] == 20000
+    assert lgd.model.train_sizes == list(range(640, 801, 32)) and lgd.model.min_size == 800
     detr = load_config(OFFICIAL / "detrdistill_deformable_detr.yaml")
     assert detr.optim.lr_mult == {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
     assert detr.data.random_crop is not None and detr.optim.warmup_iters == 500
+    assert detr.model.train_sizes == list(range(480, 801, 32)) and detr.model.max_size == 1333
     gkd = load_config(OFFICIAL / "gkd_frcnn.yaml")
     assert gkd.distill.options["gkd"]["max_images_per_class"] == 800
     assert gkd.distill.options["gkd"]["strict_density_cut"] is True

@@ -55,6 +55,11 @@ class ModelConfig:
     weights: str = "none"
     min_size: int = 800  # images are resized so the short side is min_size ...
     max_size: int = 1333  # ... and the long side at most max_size
+    # Multi-scale training: each training image's short side drawn from these sizes (long side still <= max_size);
+    # evaluation and prediction use min_size. The official LGD recipe draws from 640-800 in steps of 32, Deformable
+    # DETR's from 480-800.
+    train_sizes: list[int] | None = None
+    train_max_size: int | None = None  # long-side cap in training (None: max_size); IDa-Det's code: 1500
     fpn_channels: int | None = None  # override the preset's FPN / transformer width
     binary_neck: bool = False  # 1-bit FPN and RPN convs (with a binary backbone such as bireal18)
     # Multiplier of the binary convs' latent-weight straight-through gradient; IDa-Det's code: 50 (see models/binary.py)
@@ -237,6 +242,15 @@ def _range_errors(cfg: Config) -> list[str]:
     )
     need(m.min_size >= 1, "model.min_size", ">= 1", m.min_size)
     need(m.max_size >= max(1, m.min_size), "model.max_size", f">= model.min_size ({m.min_size})", m.max_size)
+    if m.train_sizes is not None:
+        need(
+            len(m.train_sizes) > 0 and all(isinstance(s, int) and s >= 1 for s in m.train_sizes),
+            "model.train_sizes",
+            "a non-empty list of sizes >= 1 (or null)",
+            m.train_sizes,
+        )
+    if m.train_max_size is not None:
+        need(m.train_max_size >= 1, "model.train_max_size", ">= 1 (or null)", m.train_max_size)
     need(m.fpn_channels is None or m.fpn_channels >= 1, "model.fpn_channels", ">= 1 (or null)", m.fpn_channels)
     need(o.lr > 0, "optim.lr", "> 0", o.lr)
     need(0.0 <= o.momentum < 1.0, "optim.momentum", "in [0, 1)", o.momentum)

@@ -202,7 +202,11 @@ def describe_model(cfg: Config) -> str:
     """The first log line of a run: what is trained, at what input size, from which weights."""
     m = cfg.model
     weights = f"detector weights {m.weights}" if m.weights != "none" else f"backbone weights {m.backbone_weights}"
-    return f"model {m.name}: preset {m.preset}, input short side {m.min_size} px (long side <= {m.max_size}), {weights}"
+    side = f"input short side {m.min_size} px"
+    if m.train_sizes:
+        side += f" (training: drawn from {', '.join(map(str, m.train_sizes))})"
+    cap = f"long side <= {m.max_size}" + (f", {m.train_max_size} in training" if m.train_max_size else "")
+    return f"model {m.name}: preset {m.preset}, {side} ({cap}), {weights}"
 
 
 def input_size_warning(dataset: Any, min_size: int) -> str | None:
@@ -321,6 +325,8 @@ def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) ->
         backbone_weights=cfg.model.backbone_weights if cfg.model.weights == "none" else "none",
         min_size=cfg.model.min_size,
         max_size=cfg.model.max_size,
+        train_sizes=cfg.model.train_sizes,
+        train_max_size=cfg.model.train_max_size,
         fpn_channels=cfg.model.fpn_channels,
         binary_neck=cfg.model.binary_neck,
         frozen_bn=cfg.model.backbone_weights != "none" or cfg.model.weights != "none",

@@ -132,6 +132,8 @@ def build_detector(
     backbone_weights: str = "none",
     min_size: int = 128,
     max_size: int = 128,
+    train_sizes: list[int] | None = None,
+    train_max_size: int | None = None,
     fpn_channels: int | None = None,
     binary_neck: bool = False,
     frozen_bn: bool | None = None,
@@ -145,6 +147,9 @@ def build_detector(
         backbone_weights: ``none``, ``imagenet`` or a path to a backbone state dict.
         min_size: short side of the network input.
         max_size: maximum long side of the network input.
+        train_sizes: multi-scale training: each training image's short side is drawn from these (evaluation uses
+            ``min_size``); None: ``min_size`` always.
+        train_max_size: long-side cap in training (None: ``max_size``).
         fpn_channels: override of the preset's FPN (or transformer) width.
         binary_neck: 1-bit FPN convs and RPN conv (IDa-Det's student); see ``detkd.models.binary``.
         frozen_bn: frozen BatchNorm statistics and stem/first stage (torchvision's convention for a pretrained
@@ -174,6 +179,10 @@ def build_detector(
         max_size=max_size,
         fpn_channels=fpn_channels,
     )
+    if train_sizes:  # only when set: specs of single-scale detectors keep their keys
+        spec["train_sizes"] = [int(s) for s in train_sizes]
+    if train_max_size:
+        spec["train_max_size"] = int(train_max_size)
     if binary_neck:
         spec["binary_neck"] = True
     if frozen_bn if frozen_bn is not None else backbone_weights != "none":

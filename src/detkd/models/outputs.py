@@ -191,6 +191,13 @@ class Detector(nn.Module):
         if targets is not None:
             # The transform replaces only the keys it resizes; copy so callers keep their targets.
             targets = [dict(t) for t in targets]
+        sizes, cap = self.spec.get("train_sizes"), self.spec.get("train_max_size")
+        if sizes:
+            # torchvision's transform draws each training image's short side from its min_size tuple (global torch
+            # RNG, so a resume replays it) and evaluates at the tuple's last entry.
+            self.transform.min_size = tuple(sizes) if self.training else (self.spec["min_size"],)
+        if cap:
+            self.transform.max_size = cap if self.training else self.spec["max_size"]
         return self.transform(images, targets)
 
     def extract(self, images: ImageList) -> dict[str, Tensor]:
