@@ -1,10 +1,10 @@
 """A run killed with SIGKILL and continued with ``--resume`` ends exactly where an uninterrupted run ends.
 
 Both runs are real ``detkd train`` processes on a generated digits dataset. Faster R-CNN is used because its
-training draws random numbers every step (RPN and RoI sampling), so a resume that restored the wrong random
-state, or fed the wrong batches, would change the result. Evaluation and checkpoints fall on the same steps, the
-case where an evaluation's random draws could leak into training. Expected: bit-identical student weights,
-metrics and logged losses.
+training draws random numbers every step (RPN and RoI sampling, and here the multi-scale input sizes), so a resume
+that restored the wrong random state, or fed the wrong batches, would change the result. Evaluation and checkpoints
+fall on the same steps, the case where an evaluation's random draws could leak into training. Expected:
+bit-identical student weights, metrics and logged losses.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def _args(data: Path, out: Path) -> list[str]:
         "--no-progress",
         "model.min_size=64",
         "model.max_size=64",
+        "model.train_sizes=[48,56,64]",  # multi-scale training draws a size per image: the resume must replay it
         "model.fpn_channels=16",
         "optim.lr=0.01",
         "optim.warmup_iters=2",
