@@ -273,7 +273,10 @@ def test_tiny_regime_suite_end_to_end(tmp_path, monkeypatch):
 
     curves = run_curves(bench)
     assert weights.stat().st_mtime_ns == stamp
-    assert all(len(r["curve"]) >= 2 for r in curves["records"] if r["kind"] == "curve")
+    # The 1x runs are the suite's (trained before the study here: their final evaluation only); the 2x runs are
+    # the study's own, evaluated along the way.
+    assert all(r["curve"] for r in curves["records"] if r["kind"] == "curve")
+    assert all(len(r["curve"]) >= 2 for r in curves["records"] if r["row"].endswith("@2x"))
     assert (bench.root / "curves" / "frcnn_curves.png").exists()
     assert "| frcnn |" in (bench.root / "curves" / "curves.md").read_text()
 
@@ -401,3 +404,24 @@ def test_a_run_without_evaluations_along_the_way_gives_its_final_point(tmp_path)
     assert read_curve(tmp_path) == [{"iter": 600, "AP": 0.25, "AP50": 0.5}]
     (tmp_path / "eval.jsonl").write_text('{"iter": 300, "AP": 0.2, "AP50": 0.4}\n{"iter": 600, "AP": 0.3}\n')
     assert [p["AP"] for p in read_curve(tmp_path)] == [0.2, 0.3]
+
+
+def test_a_study_part_way_renders_what_finished_and_names_the_rest(tmp_path):
+    from detkd.bench.curves import run_curves
+
+    bench = Bench(tiny_suite(), tmp_path)
+    specs = {(s.pair, s.row, s.seed): s for s in curve_specs(bench)}
+    for key, ap in ((("frcnn", "teacher@1x", 0), 0.5), (("frcnn", "student@1x", 0), 0.2)):
+        out = bench.run_dir(specs[key])
+        out.mkdir(parents=True)
+        (out / "final.json").write_text(json.dumps({"iters": 4, "metrics": {"AP": ap}}))
+        (out / "eval.jsonl").write_text(
+            json.dumps({"iter": 2, "AP": ap / 2}) + "\n" + json.dumps({"iter": 4, "AP": ap})
+        )
+    results = run_curves(bench, train=False)
+    assert {(r["row"], r["seed"]) for r in results["records"]} == {("teacher@1x", 0), ("student@1x", 0)}
+    assert "frcnn/student@1x seed 1" in results["missing"] and "pretrain r18" in results["missing"]
+    entry = next(e for e in summarise(results) if e["pair"] == "frcnn")
+    assert entry["teacher_1x"] == 0.5 and entry["student_1x"] == 0.2 and entry.get("student_converged") is None
+    text = (bench.root / "curves" / "curves.md").read_text()
+    assert "Part-way" in text and "frcnn/teacher@2x seed 0" in text

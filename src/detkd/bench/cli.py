@@ -35,8 +35,8 @@ def add_parser(sub: Any) -> None:
         "--curves",
         action="store_true",
         help="the regime study instead of the suite: teachers and baseline students at 1x and 2x the schedule with "
-        "periodic evaluation; writes curves/ (JSON, PNGs, Markdown); with --render FILE, rewrites FILE's generated "
-        "section (docs/benchmark-regime.md)",
+        "periodic evaluation; writes curves/ (JSON, PNGs, Markdown); with --render FILE, trains nothing: collects the "
+        "finished runs (the others listed as missing) and rewrites FILE's generated section (docs/benchmark-regime.md)",
     )
     p.set_defaults(func=cmd_bench)
 
@@ -82,8 +82,11 @@ def _curves(bench: Bench, args: argparse.Namespace) -> int:
 
     data = bench.root / "curves" / "curves.json"
     if args.render:
-        if not data.exists():
-            raise ConfigError(f"{data} not found: run `detkd bench --suite {bench.suite.name} --curves` first")
+        if not (bench.root / "runs").exists() and not bench.teacher_dir(bench.pairs[0]).exists():
+            raise ConfigError(
+                f"no run of the study in {bench.root}: run `detkd bench --suite {bench.suite.name} --curves`"
+            )
+        run_curves(bench, train=False)  # the finished runs as they are now; the others are listed as missing
         render_into(Path(args.render), data)
         print(f"wrote {args.render}")
         return 0

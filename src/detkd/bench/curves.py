@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from detkd.bench.plan import RunSpec
-from detkd.bench.runner import Bench
+from detkd.bench.runner import Bench, done_marker, run_label
 
 CURVE_POINTS = 8  # evaluations per curve run
 CONVERGED_GAIN = 0.01  # "2x adds less than 0.01 mAP" (or less than the seeds' spread)
@@ -85,11 +85,25 @@ def read_curve(run: Path) -> list[dict[str, Any]]:
     return [points[k] for k in sorted(points)]
 
 
-def run_curves(bench: Bench) -> dict[str, Any]:
-    """Train the curve runs (resuming finished and stopped ones) and write ``curves.json``, PNGs and ``curves.md``."""
+def run_curves(bench: Bench, train: bool = True) -> dict[str, Any]:
+    """Train the curve runs (resuming finished and stopped ones) and write ``curves.json``, PNGs and ``curves.md``.
+
+    With ``train=False`` nothing is trained: the finished runs are collected as they are and the others are listed
+    under ``missing`` (a study spread over several sessions can be rendered part-way)."""
     bench.root.mkdir(parents=True, exist_ok=True)
-    bench.ensure_data()
-    records = bench.run_all(curve_specs(bench))
+    specs = curve_specs(bench)
+    missing: list[str] = []
+    if train:
+        bench.ensure_data()
+        records = bench.run_all(specs)
+    else:
+        records = []
+        for spec in specs:
+            out = bench.run_dir(spec)
+            if done_marker(spec, out).exists():
+                records.append(bench._record(spec, out))
+            elif run_label(spec) not in missing:
+                missing.append(run_label(spec))
     for record in records:
         if record["kind"] == "curve" and not record.get("failed"):
             record["curve"] = read_curve(Path(record["run"]))
@@ -101,6 +115,7 @@ def run_curves(bench: Bench) -> dict[str, Any]:
             for p in bench.pairs
         ],
         "records": records,
+        "missing": missing,
     }
     folder = bench.root / "curves"
     folder.mkdir(parents=True, exist_ok=True)
@@ -224,6 +239,12 @@ def render_curves(results: dict[str, Any], plots: dict[str, Path], base: Path) -
     failed = [r for r in results["records"] if r.get("failed")]
     if failed:
         lines.append("Failed runs: " + ", ".join(f"{r['pair']}/{r['row']} seed {r['seed']}" for r in failed))
+    if results.get("missing"):
+        lines += [
+            f"**Part-way:** {len(results['missing'])} run(s) of the study have not finished yet, and the verdicts "
+            "that need them read –: " + ", ".join(results["missing"]) + ".",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
