@@ -33,22 +33,7 @@ declare -A NEEDED=(
   [pytest]=pytest [yaml]=pyyaml [rich]=rich [faster_coco_eval]=faster-coco-eval [scipy]=scipy
   [onnx]=onnx [onnxscript]=onnxscript [onnxruntime]=onnxruntime [PIL]=pillow [numpy]=numpy
 )
-missing=()
-for module in "${!NEEDED[@]}"; do
-  "$PYTHON" -c "import $module" 2>/dev/null || missing+=("${NEEDED[$module]}")
-done
-if ((${#missing[@]})); then
-  if [[ -n "$WHEELS" && -d "$WHEELS" ]]; then
-    echo "installing from $WHEELS: ${missing[*]}"
-    # One package at a time: a wheel that is not there (onnx* when the folder had no room) must not stop the rest.
-    for package in "${missing[@]}"; do
-      "$PYTHON" -m pip install --no-index --find-links "$WHEELS" "$package" >>"$OUT/pip.log" 2>&1 \
-        || echo "  not installed: $package (see $OUT/pip.log)"
-    done
-  else
-    echo "missing and no WHEELS_DIR given: ${missing[*]}"
-  fi
-fi
+source "$(dirname "$0")/gpu_deps.sh"
 
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -m pytest tests/test_cuda.py -m cuda -v -rs -p no:cacheprovider \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download (where there is network) the wheels scripts/gpu_check.sh may need on a GPU machine without network.
+# Download (where there is network) the wheels scripts/gpu_check.sh and scripts/gpu_bench.sh may need on a GPU machine without network.
 #
 #   scripts/gpu_wheels.sh DIR [PYTHON_VERSION]      # e.g. scripts/gpu_wheels.sh wheels 3.11
 #
@@ -14,7 +14,7 @@ mkdir -p "$DIR"
 python3 -m pip download --dest "$DIR" --only-binary :all: --platform manylinux2014_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --python-version "$PYVER" \
   pytest pyyaml rich faster-coco-eval
-for optional in scipy onnx onnxscript onnxruntime; do
+for optional in scipy matplotlib onnx onnxscript onnxruntime; do
   python3 -m pip download --dest "$DIR" --only-binary :all: --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --python-version "$PYVER" "$optional" \
     || echo "could not download $optional"

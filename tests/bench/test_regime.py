@@ -133,9 +133,10 @@ def test_runs_start_after_what_they_read_and_a_failed_stage_drops_its_readers(tm
     assert {("free", "baseline"), ("free", "lgd")} <= rows
 
 
-def test_the_cpu_suite_is_the_paper_regime(tmp_path):
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_the_cpu_and_gpu_suites_are_the_paper_regime(tmp_path, name):
     assert not hasattr(suites_module, "FEATURE_SCALE") and not hasattr(suites_module, "RETINANET_FEATURE_SCALE")
-    bench = Bench(SUITES["cpu"], tmp_path)
+    bench = Bench(SUITES[name], tmp_path)
     specs = bench.plan()
     assert bench.seeds == 3
     rows = {
@@ -143,7 +144,7 @@ def test_the_cpu_suite_is_the_paper_regime(tmp_path):
     }
     assert {"tar", "gkd", "kd", "defeat", "fitnet", "fgfi", "gkd-finetune"} <= rows["frcnn"]
     assert {"gkd", "kd", "lgd"} <= rows["retinanet"]
-    pairs = {p.name: p for p in SUITES["cpu"].pairs}
+    pairs = {p.name: p for p in SUITES[name].pairs}
     assert pairs["binary"].references == {"real_r18": ("frcnn_r18", [])} and pairs["binary"].methods == ["ida"]
     assert pairs["lgd_r50"].teacher is None and pairs["detr"].methods == ["detrdistill"]
     # Every run except the pretrainings and the fine-tunes starts from a pretrained backbone.
