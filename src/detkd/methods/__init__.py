@@ -12,10 +12,11 @@ from detkd.methods.gkd import GKD
 from detkd.methods.ida import IDa
 from detkd.methods.kd import KD
 from detkd.methods.lgd import LGD
+from detkd.methods.pkd import PKD
 from detkd.methods.tar import TAR
 
 # The methods detkd ships; each is registered under its ``name``.
-BUILTIN_METHODS: tuple[type[Distiller], ...] = (TAR, GKD, IDa, LGD, DETRDistill, FitNet, KD, FGFI, DeFeat)
+BUILTIN_METHODS: tuple[type[Distiller], ...] = (TAR, GKD, IDa, LGD, DETRDistill, FitNet, KD, FGFI, DeFeat, PKD)
 for _method in BUILTIN_METHODS:
     register(_method)
 
