@@ -4,6 +4,7 @@ A new method is its own file in this package plus one entry in :data:`BUILTIN_ME
 """
 
 from detkd.methods.base import METHODS, Distiller, MethodConfig, ScheduleConfig, register
+from detkd.methods.cwd import CWD
 from detkd.methods.defeat import DeFeat
 from detkd.methods.detrdistill import DETRDistill
 from detkd.methods.fgfi import FGFI
@@ -16,7 +17,7 @@ from detkd.methods.pkd import PKD
 from detkd.methods.tar import TAR
 
 # The methods detkd ships; each is registered under its ``name``.
-BUILTIN_METHODS: tuple[type[Distiller], ...] = (TAR, GKD, IDa, LGD, DETRDistill, FitNet, KD, FGFI, DeFeat, PKD)
+BUILTIN_METHODS: tuple[type[Distiller], ...] = (TAR, GKD, IDa, LGD, DETRDistill, FitNet, KD, FGFI, DeFeat, PKD, CWD)
 for _method in BUILTIN_METHODS:
     register(_method)
 
