@@ -7,6 +7,7 @@ from detkd.methods.base import METHODS, Distiller, MethodConfig, ScheduleConfig,
 from detkd.methods.cwd import CWD
 from detkd.methods.defeat import DeFeat
 from detkd.methods.detrdistill import DETRDistill
+from detkd.methods.fgd import FGD
 from detkd.methods.fgfi import FGFI
 from detkd.methods.fitnet import FitNet
 from detkd.methods.gkd import GKD
@@ -17,7 +18,20 @@ from detkd.methods.pkd import PKD
 from detkd.methods.tar import TAR
 
 # The methods detkd ships; each is registered under its ``name``.
-BUILTIN_METHODS: tuple[type[Distiller], ...] = (TAR, GKD, IDa, LGD, DETRDistill, FitNet, KD, FGFI, DeFeat, PKD, CWD)
+BUILTIN_METHODS: tuple[type[Distiller], ...] = (
+    TAR,
+    GKD,
+    IDa,
+    LGD,
+    DETRDistill,
+    FitNet,
+    KD,
+    FGFI,
+    DeFeat,
+    PKD,
+    CWD,
+    FGD,
+)
 for _method in BUILTIN_METHODS:
     register(_method)
 
