@@ -426,3 +426,25 @@ def test_a_study_part_way_renders_what_finished_and_names_the_rest(tmp_path):
     assert entry["teacher_1x"] == 0.5 and entry["student_1x"] == 0.2 and entry.get("student_converged") is None
     text = (bench.root / "curves" / "curves.md").read_text()
     assert "Part-way" in text and "frcnn/teacher@2x seed 0" in text
+
+
+def test_the_plan_is_costed_by_the_step_times_of_finished_runs(tmp_path):
+    from detkd.bench.cli import plan_cost
+
+    bench = Bench(tiny_suite(), tmp_path, jobs=2)
+    specs = bench.plan()
+    assert plan_cost(bench, specs).startswith("cost: unknown")
+    baseline = next(s for s in specs if s.row == "baseline" and s.seed == 0)
+    out = bench.run_dir(baseline)
+    out.mkdir(parents=True)
+    (out / "final.json").write_text(json.dumps({"train_time_s": 8.0, "step_time_s": 2.0}))
+    pretrain = next(s for s in specs if s.kind == "pretrain")
+    bench.run_dir(pretrain).mkdir(parents=True)
+    (bench.run_dir(pretrain) / "r18.json").write_text(json.dumps({"train_time_s": 12.0, "iters": 4}))
+    assert bench.measured_seconds(baseline) == 8.0  # its own time
+    other_seed = next(s for s in specs if s.row == "baseline" and s.seed == 1)
+    assert bench.measured_seconds(other_seed) == 2.0 * other_seed.iters  # a finished run of the same detector
+    assert bench.measured_seconds(pretrain) == 12.0
+    assert bench.measured_seconds(next(s for s in specs if s.row == "kd")) is None  # no kd run finished yet
+    line = plan_cost(bench, specs)
+    assert "h of training for" in line and "not yet measurable" in line

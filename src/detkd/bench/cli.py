@@ -60,9 +60,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.render}")
         return 0
     if args.plan:
-        for spec in bench.plan():
+        specs = bench.plan()
+        for spec in specs:
             print(f"{spec.pair:10s} {spec.row:14s} seed {spec.seed}  {spec.command} {spec.model} {spec.iters} iters")
         print("(+ same-wall-clock baselines after the timing phase)")
+        print(plan_cost(bench, specs))
         return 0
     try:
         results = bench.run()
@@ -75,6 +77,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print_summary(results)
     print(f"results: {bench.results_path}\nreport:  {md}")
     return 0
+
+
+def plan_cost(bench: Bench, specs: list) -> str:
+    """One line: the plan's training time by the step times of the finished runs in the output folder."""
+    unique = {bench.run_dir(s): s for s in specs}
+    costs = [bench.measured_seconds(s) for s in unique.values()]
+    known = [c for c in costs if c is not None]
+    if not known:
+        return "cost: unknown (no finished run in the output folder measures these detectors yet)"
+    total = sum(known)
+    line = (
+        f"cost by the finished runs' step times: {total / 3600:.1f} h of training for {len(known)} of {len(costs)} "
+        f"runs, ≈ {total / 3600 / bench.jobs:.1f} h at --jobs {bench.jobs}"
+    )
+    return line + ("" if len(known) == len(costs) else f"; {len(costs) - len(known)} run(s) not yet measurable")
 
 
 def _curves(bench: Bench, args: argparse.Namespace) -> int:
@@ -91,8 +108,10 @@ def _curves(bench: Bench, args: argparse.Namespace) -> int:
         print(f"wrote {args.render}")
         return 0
     if args.plan:
-        for spec in curve_specs(bench):
+        specs = curve_specs(bench)
+        for spec in specs:
             print(f"{spec.pair:10s} {spec.row:14s} seed {spec.seed}  {spec.command} {spec.model} {spec.iters} iters")
+        print(plan_cost(bench, specs))
         return 0
     try:
         run_curves(bench)

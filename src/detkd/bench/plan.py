@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,29 @@ class Plan:
         # baseline) share one run.
         name = spec.model + ("+" + "+".join(spec.methods) if spec.methods else "")
         return self.root / "runs" / name / _hash(fields) / f"seed{spec.seed}"
+
+    def measured_seconds(self, spec: RunSpec) -> float | None:
+        """What ``spec`` costs by the runs of this output folder that have finished: its own time when it has run,
+        else its iterations times the step time of a finished run of the same detector and methods (a pretraining:
+        of the same backbone); None when no such run has finished."""
+        out = self.run_dir(spec)
+        if spec.kind == "pretrain":
+            report = out / f"{spec.model}.json"
+            if report.exists():
+                return json.loads(report.read_text()).get("train_time_s")
+            rates = [
+                json.loads(p.read_text())["train_time_s"] / max(1, json.loads(p.read_text())["iters"])
+                for p in self.cache.glob(f"backbones/{spec.model}-*/{spec.model}.json")
+            ]
+            return statistics.median(rates) * spec.iters if rates else None
+        if (out / "final.json").exists():
+            return json.loads((out / "final.json").read_text()).get("train_time_s")
+        name = spec.model + ("+" + "+".join(spec.methods) if spec.methods else "")
+        finals = [*self.root.glob(f"runs/{name}/*/seed*/final.json")]
+        if spec.kind == "teacher" or spec.teacher_row or not spec.methods:
+            finals += [*self.cache.glob(f"teachers/{spec.model}-*/final.json")]
+        rates = [r for r in (json.loads(p.read_text()).get("step_time_s") for p in finals) if r]
+        return statistics.median(rates) * spec.iters if rates else None
 
     def dependencies(self, spec: RunSpec) -> list[Path]:
         """The run folders ``spec`` reads: its pretrained backbone, its teacher, the run it is initialised from."""
