@@ -53,6 +53,10 @@ class ModelConfig:
     # Whole detector: none | torchvision (COCO) | a torchvision state dict or detkd checkpoint; when set, it replaces
     # backbone_weights, and BatchNorm is frozen as for a pretrained backbone.
     weights: str = "none"
+    # BatchNorm statistics, stem and first stage frozen (torchvision's convention for ImageNet weights, the papers'
+    # frozen_stages=1 / norm_eval). None: frozen when the run starts from backbone or detector weights; false trains
+    # them, e.g. from a backbone of `detkd pretrain` whose statistics come from small crops.
+    frozen_bn: bool | None = None
     min_size: int = 800  # images are resized so the short side is min_size ...
     max_size: int = 1333  # ... and the long side at most max_size
     # Multi-scale training: each training image's short side drawn from these sizes (long side still <= max_size);

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from detkd.cli import main
@@ -131,6 +132,13 @@ def test_weights_flag_runs_end_to_end(digits, tmp_path, capsys):
     assert "tensors loaded into frcnn_r18" in text and "(detkd checkpoint)" in text
     rebuilt, ckpt = load_detector(tmp_path / "run" / "student.pt")
     assert ckpt["spec"]["frozen_bn"] is True
+    # model.frozen_bn=false keeps BatchNorm and the first stages training from the same weights.
+    out = str(tmp_path / "unfrozen")
+    argv[argv.index("--out") + 1] = out
+    assert main([*argv, str(tmp_path / "base.pt"), *fast, "train.tensorboard=false", "model.frozen_bn=false"]) == 0
+    rebuilt, ckpt = load_detector(tmp_path / "unfrozen" / "student.pt")
+    assert "frozen_bn" not in ckpt["spec"]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in rebuilt.modules())
 
 
 def test_default_imagenet_backbone_offline_says_which_option_to_pass(digits, tmp_path, monkeypatch, capsys):

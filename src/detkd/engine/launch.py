@@ -329,7 +329,11 @@ def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) ->
         train_max_size=cfg.model.train_max_size,
         fpn_channels=cfg.model.fpn_channels,
         binary_neck=cfg.model.binary_neck,
-        frozen_bn=cfg.model.backbone_weights != "none" or cfg.model.weights != "none",
+        frozen_bn=(
+            cfg.model.frozen_bn
+            if cfg.model.frozen_bn is not None
+            else cfg.model.backbone_weights != "none" or cfg.model.weights != "none"
+        ),
     )
     if cfg.model.weights != "none" and not resume:  # a resumed run restores its own weights below
         from detkd.engine.weights import load_weights
