@@ -30,7 +30,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1)")
     p.add_argument("--threads", type=int, help="CPU threads per run (default: cores / jobs)")
     p.add_argument("--render", metavar="FILE", help="only (re)write FILE (Markdown) from the suite's results.json")
-    p.add_argument("--plan", action="store_true", help="print the runs the suite would make, and exit")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the runs the suite (or, with --curves, the study) would make and their cost by the step times "
+        "of the runs already finished in --out, and exit",
+    )
     p.add_argument(
         "--curves",
         action="store_true",
