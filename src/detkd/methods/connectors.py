@@ -82,6 +82,12 @@ class Connector(nn.Module):
         return out
 
 
+def width_adapter(student: FeatureSpec, teacher: FeatureSpec) -> Connector:
+    """The identity where the widths agree (nothing to learn), a 1x1 conv to the teacher's width where they differ:
+    for methods whose released code compares the maps as they are (PKD, CWD, FGD)."""
+    return Connector(student, teacher, kernel=0 if student.channels == teacher.channels else 1)
+
+
 def build_connectors(
     student: list[FeatureSpec],
     teacher: list[FeatureSpec],

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from detkd.errors import ConfigError
 from detkd.methods.base import Distiller, MethodConfig
-from detkd.methods.connectors import Connector, pair_levels
+from detkd.methods.connectors import pair_levels, width_adapter
 from detkd.models.outputs import DenseHead, Detector, DetOutputs, TwoStageHead
 
 
@@ -57,10 +57,7 @@ class CWD(Distiller):
         if cfg.tau <= 0:
             raise ConfigError(f"cwd.tau must be > 0, got {cfg.tau}")
         pairs = pair_levels(student.feature_info, teacher.feature_info, cfg.levels)
-        # Identity where the widths agree (nothing to learn, as in the released configs), a 1x1 conv where not.
-        self.connectors = nn.ModuleDict(
-            {s.name: Connector(s, t, kernel=0 if s.channels == t.channels else 1) for s, t in pairs}
-        )
+        self.connectors = nn.ModuleDict({s.name: width_adapter(s, t) for s, t in pairs})
 
     def forward(
         self, student: DetOutputs, teacher: DetOutputs | None, targets: list[dict[str, Tensor]], step: int

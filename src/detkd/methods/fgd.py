@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from detkd.errors import ConfigError
 from detkd.methods.base import Distiller, MethodConfig
-from detkd.methods.connectors import Connector, pair_levels
+from detkd.methods.connectors import pair_levels, width_adapter
 from detkd.models.outputs import DenseHead, Detector, DetOutputs, FeatureSpec, TwoStageHead
 
 # (kd_fg, kd_bg, kd_attention, kd_global) of the released configs.
@@ -130,7 +130,7 @@ class FGDLevel(nn.Module):
 
     def __init__(self, student: FeatureSpec, teacher: FeatureSpec):
         super().__init__()
-        self.align = Connector(student, teacher, kernel=0 if student.channels == teacher.channels else 1)
+        self.align = width_adapter(student, teacher)
         self.context_s = GlobalContext(teacher.channels)
         self.context_t = GlobalContext(teacher.channels)
 

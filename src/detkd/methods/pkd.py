@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from detkd.errors import ConfigError
 from detkd.methods.base import Distiller, MethodConfig
-from detkd.methods.connectors import Connector, pair_levels
+from detkd.methods.connectors import pair_levels, width_adapter
 from detkd.models.outputs import DenseHead, Detector, DetOutputs, TwoStageHead
 
 
@@ -73,10 +73,7 @@ class PKD(Distiller):
         pairs = pair_levels(student.feature_info, teacher.feature_info, cfg.levels)
         if cfg.levels is None:
             pairs = pairs[: cfg.num_levels]
-        # Identity where the widths agree (nothing to learn, as in the released code), a 1x1 conv where they differ.
-        self.connectors = nn.ModuleDict(
-            {s.name: Connector(s, t, kernel=0 if s.channels == t.channels else 1) for s, t in pairs}
-        )
+        self.connectors = nn.ModuleDict({s.name: width_adapter(s, t) for s, t in pairs})
         two_stage = student.head_type is TwoStageHead
         self.level_weight = cfg.level_weight if cfg.level_weight is not None else (6.0 if two_stage else 10.0)
 
