@@ -171,6 +171,82 @@ GPU_FINETUNE_ITERS = 500
 GPU_DETR_TEACHER_ITERS = 5000
 GPU_DETR_STUDENT_ITERS = 2000
 
+
+def regime_pairs(
+    teacher_iters: int,
+    student_iters: int,
+    finetune_iters: int,
+    detr_teacher_iters: int,
+    detr_student_iters: int,
+    overrides: list[str] | None = None,
+    baselines: list[str] | None = None,
+) -> list[Pair]:
+    """The pairs of the paper-regime suites (cpu, gpu): every run from the suite's pretrained backbones.
+
+    Faster R-CNN R50 -> R18 with the feature methods calibrated (distill.calibrate=auto), gkd also at its paper's
+    weights and in GKD's fine-tune protocol next to the converged baseline fine-tuned alone for as many steps;
+    RetinaNet R50 -> R18 at the papers' weights, gkd also calibrated; teacher-free LGD on RetinaNet R50 (the size of
+    the LGD paper's students); the 1-bit Bi-Real R18 student with its real-valued R18 reference; Deformable DETR.
+    ``overrides`` go to every run, ``baselines`` are extra feature-method rows on the Faster R-CNN and RetinaNet pairs.
+    """
+    common = list(overrides or [])
+    extra = list(baselines or [])
+    return [
+        Pair(
+            "frcnn",
+            "frcnn_r50",
+            "frcnn_r18",
+            ["tar", "gkd", "kd", "defeat", "fitnet", "fgfi", *extra],
+            teacher_iters,
+            student_iters,
+            overrides=common,
+            variants={"gkd-paper": ("gkd", PAPER_WEIGHTS)},
+            finetunes={
+                "gkd-finetune": FineTune("gkd", finetune_iters),
+                "finetune-alone": FineTune("", finetune_iters),
+            },
+            feature_methods=["kd", "defeat", "fitnet", "fgfi", *extra],
+            pretrained=True,
+            calibrate=True,
+        ),
+        Pair(
+            "retinanet",
+            "retinanet_r50",
+            "retinanet_r18",
+            ["gkd", "kd", "lgd", *extra],
+            teacher_iters,
+            student_iters,
+            overrides=common,
+            variants={"gkd-auto": ("gkd", AUTO_WEIGHTS)},
+            feature_methods=["kd", *extra],
+            pretrained=True,
+        ),
+        Pair("lgd_r50", None, "retinanet_r50", ["lgd"], 0, student_iters, overrides=common, pretrained=True),
+        Pair(
+            "binary",
+            "frcnn_r50",
+            "frcnn_bireal18",
+            ["ida"],
+            teacher_iters,
+            student_iters,
+            overrides=common,
+            student_overrides=BINARY,
+            references={"real_r18": ("frcnn_r18", [])},
+            pretrained=True,
+        ),
+        Pair(
+            "detr",
+            "deformable_detr_r50",
+            "deformable_detr_r18",
+            ["detrdistill"],
+            detr_teacher_iters,
+            detr_student_iters,
+            overrides=DETR + common,
+            pretrained=True,
+        ),
+    ]
+
+
 SUITES: dict[str, Suite] = {
     "smoke": Suite(
         "smoke",
@@ -220,61 +296,9 @@ SUITES: dict[str, Suite] = {
         "cpu",
         "slim detectors on the hard digits variant, from backbones pretrained on its crops, sized for a 2-core CPU",
         DataSpec("hard", 2000, 300, 128, 1),
-        [
-            # Feature methods calibrated (distill.calibrate=auto); gkd also at its paper's weights, and in GKD's
-            # fine-tune protocol next to the converged baseline fine-tuned alone for as many steps.
-            Pair(
-                "frcnn",
-                "frcnn_r50",
-                "frcnn_r18",
-                ["tar", "gkd", "kd", "defeat", "fitnet", "fgfi"],
-                CPU_TEACHER_ITERS,
-                CPU_STUDENT_ITERS,
-                variants={"gkd-paper": ("gkd", PAPER_WEIGHTS)},
-                finetunes={
-                    "gkd-finetune": FineTune("gkd", CPU_FINETUNE_ITERS),
-                    "finetune-alone": FineTune("", CPU_FINETUNE_ITERS),
-                },
-                feature_methods=["kd", "defeat", "fitnet", "fgfi"],
-                pretrained=True,
-                calibrate=True,
-            ),
-            # At the papers' weights; gkd also calibrated.
-            Pair(
-                "retinanet",
-                "retinanet_r50",
-                "retinanet_r18",
-                ["gkd", "kd", "lgd"],
-                CPU_TEACHER_ITERS,
-                CPU_STUDENT_ITERS,
-                variants={"gkd-auto": ("gkd", AUTO_WEIGHTS)},
-                feature_methods=["kd"],
-                pretrained=True,
-            ),
-            # Teacher-free LGD on a dense detector the size of the LGD paper's students.
-            Pair("lgd_r50", None, "retinanet_r50", ["lgd"], 0, CPU_STUDENT_ITERS, pretrained=True),
-            Pair(
-                "binary",
-                "frcnn_r50",
-                "frcnn_bireal18",
-                ["ida"],
-                CPU_TEACHER_ITERS,
-                CPU_STUDENT_ITERS,
-                student_overrides=BINARY,
-                references={"real_r18": ("frcnn_r18", [])},
-                pretrained=True,
-            ),
-            Pair(
-                "detr",
-                "deformable_detr_r50",
-                "deformable_detr_r18",
-                ["detrdistill"],
-                CPU_DETR_TEACHER_ITERS,
-                CPU_DETR_STUDENT_ITERS,
-                overrides=DETR,
-                pretrained=True,
-            ),
-        ],
+        regime_pairs(
+            CPU_TEACHER_ITERS, CPU_STUDENT_ITERS, CPU_FINETUNE_ITERS, CPU_DETR_TEACHER_ITERS, CPU_DETR_STUDENT_ITERS
+        ),
         seeds=3,
         time_grid=0.5,  # coarse: fewer same-wall-clock baselines, each rounded up (in the baseline's favour)
         speed=[
@@ -298,60 +322,15 @@ SUITES: dict[str, Suite] = {
         "gpu",
         "the cpu suite's regime at 256 px with longer schedules, for one GPU",
         DataSpec("hard", 8000, 1000, 256, 1),
-        [
-            Pair(
-                "frcnn",
-                "frcnn_r50",
-                "frcnn_r18",
-                ["tar", "gkd", "kd", "defeat", "fitnet", "fgfi", "fgd", "pkd", "cwd"],
-                GPU_TEACHER_ITERS,
-                GPU_STUDENT_ITERS,
-                overrides=GPU,
-                variants={"gkd-paper": ("gkd", PAPER_WEIGHTS)},
-                finetunes={
-                    "gkd-finetune": FineTune("gkd", GPU_FINETUNE_ITERS),
-                    "finetune-alone": FineTune("", GPU_FINETUNE_ITERS),
-                },
-                feature_methods=["kd", "defeat", "fitnet", "fgfi", "fgd", "pkd", "cwd"],
-                pretrained=True,
-                calibrate=True,
-            ),
-            Pair(
-                "retinanet",
-                "retinanet_r50",
-                "retinanet_r18",
-                ["gkd", "kd", "lgd", "fgd", "pkd", "cwd"],
-                GPU_TEACHER_ITERS,
-                GPU_STUDENT_ITERS,
-                overrides=GPU,
-                variants={"gkd-auto": ("gkd", AUTO_WEIGHTS)},
-                feature_methods=["kd", "fgd", "pkd", "cwd"],
-                pretrained=True,
-            ),
-            Pair("lgd_r50", None, "retinanet_r50", ["lgd"], 0, GPU_STUDENT_ITERS, overrides=GPU, pretrained=True),
-            Pair(
-                "binary",
-                "frcnn_r50",
-                "frcnn_bireal18",
-                ["ida"],
-                GPU_TEACHER_ITERS,
-                GPU_STUDENT_ITERS,
-                overrides=GPU,
-                student_overrides=BINARY,
-                references={"real_r18": ("frcnn_r18", [])},
-                pretrained=True,
-            ),
-            Pair(
-                "detr",
-                "deformable_detr_r50",
-                "deformable_detr_r18",
-                ["detrdistill"],
-                GPU_DETR_TEACHER_ITERS,
-                GPU_DETR_STUDENT_ITERS,
-                overrides=DETR + GPU,
-                pretrained=True,
-            ),
-        ],
+        regime_pairs(
+            GPU_TEACHER_ITERS,
+            GPU_STUDENT_ITERS,
+            GPU_FINETUNE_ITERS,
+            GPU_DETR_TEACHER_ITERS,
+            GPU_DETR_STUDENT_ITERS,
+            overrides=GPU,
+            baselines=["fgd", "pkd", "cwd"],
+        ),
         seeds=3,
         time_grid=0.5,
         timing_steps=30,
