@@ -118,3 +118,69 @@ def test_log_file_has_a_line_per_log_window_with_the_step_and_its_time(digits, t
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["iter"] for r in rows] == [LOG_EVERY, LOG_EVERY + 2]
     assert all(r["step_time"] > 0 and r["loss"] > 0 for r in rows)
+
+
+class Stop(Exception):
+    """Stands in for the process being killed right after a checkpoint."""
+
+
+@pytest.mark.parametrize("backbone", ["r18", "bireal18"])
+def test_a_stopped_pretraining_resumes_to_the_same_weights(digits, tmp_path, monkeypatch, backbone):
+    import detkd.pretrain as pretrain_module
+
+    args = ["--iters", "8", "--checkpoint-every", "3"]  # checkpoints at steps 3 and 6 (bireal18: phases of 4 + 4)
+    whole = _pretrain(digits, tmp_path / "whole.pt", backbone, *args)
+    assert whole["resumed_from"] is None
+    assert not pretrain_module.resume_path(tmp_path / "whole.pt").exists()  # removed once the weights are written
+
+    saved = pretrain_module.save_checkpoint
+    calls = []
+
+    def save_then_stop(state, path):
+        saved(state, path)
+        calls.append(state["step"])
+        if len(calls) == 2:
+            raise Stop
+
+    monkeypatch.setattr(pretrain_module, "save_checkpoint", save_then_stop)
+    out, log = tmp_path / "stopped.pt", tmp_path / "log.jsonl"
+    with pytest.raises(Stop):
+        _pretrain(digits, out, backbone, *args, "--log", str(log))
+    # r18: steps 3 and 6 of one phase; bireal18: step 3 of phase 1, then step 3 of phase 2 (run step 7)
+    stopped_at = 6 if backbone == "r18" else 7
+    assert not out.exists() and pretrain_module.resume_path(out).exists()
+    with open(log, "a") as f:
+        f.write('{"iter": 8, "step_time": 1.0, "loss": 1.0}\n')  # a line past the checkpoint: dropped on resume
+    monkeypatch.setattr(pretrain_module, "save_checkpoint", saved)
+    resumed = _pretrain(digits, out, backbone, *args, "--log", str(log))
+    assert resumed["resumed_from"] == stopped_at
+    # LOG_EVERY > 8: a line at the end of each phase only (bireal18's phase 1 ends at step 4)
+    expected = [8] if backbone == "r18" else [4, 8]
+    assert [json.loads(line)["iter"] for line in log.read_text().splitlines()] == expected
+    a, b = torch.load(tmp_path / "whole.pt", weights_only=True), torch.load(out, weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["top1"] == whole["top1"] and resumed["steps"] == whole["steps"]
+    assert not pretrain_module.resume_path(out).exists()
+
+
+def test_a_checkpoint_of_other_settings_is_refused(digits, tmp_path, monkeypatch, capsys):
+    import detkd.pretrain as pretrain_module
+
+    saved = pretrain_module.save_checkpoint
+
+    def save_then_stop(state, path):
+        saved(state, path)
+        raise Stop
+
+    monkeypatch.setattr(pretrain_module, "save_checkpoint", save_then_stop)
+    out = tmp_path / "w.pt"
+    with pytest.raises(Stop):
+        _pretrain(digits, out, "r18", "--iters", "4", "--checkpoint-every", "2")
+    monkeypatch.undo()
+    argv = ["pretrain", "--backbone", "r18", "--data", str(digits), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--iters", "5", "--crop-size", "32", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an unfinished pretraining with other settings (iters 4 -> 5)" in err and "delete" in err, err
+    assert not out.exists()

@@ -16,6 +16,11 @@ the backbone's state dict under the names ``model.backbone_weights=PATH`` loads 
 top-1 accuracy on the val split's crops (object and background crops, no jitter) is printed and written, with the
 settings, to a JSON file next to the weights.
 
+An interrupted pretraining resumes: every ``checkpoint_every`` steps (default 100) the classifier, the optimiser, the
+crop sampler's random state and the step are written to ``<weights>.resume.pt`` (atomically), and running the same
+command again continues from there and ends with the weights an uninterrupted run would have written, bit for bit.
+The file is removed once the weights are written; a checkpoint of other settings is refused, not silently resumed.
+
 ``bireal18`` is trained in two steps of ``iters / 2`` each, the recipe of ReActNet (Liu et al., ECCV 2020,
 *ReActNet: Towards Precise Binary Neural Network with Generalized Activation Functions*, arXiv 2003.03488), which
 takes its staged training from Real-to-Binary (Martinez et al., ICLR 2020, *Training Binary Neural Networks with
@@ -41,7 +46,6 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +90,10 @@ class PretrainConfig:
     threads: int | None = None
     progress: bool = True
     log: str | None = None  # append {"iter", "step_time", "loss"} every LOG_EVERY steps to this JSON-lines file
+    checkpoint_every: int = 100  # steps between resume checkpoints (0: none)
+
+
+RUNTIME_FIELDS = ("out", "device", "threads", "progress", "log", "checkpoint_every")  # not part of a run's identity
 
 
 @dataclass
@@ -176,17 +184,35 @@ class CropLoader:
             labels.append(crop.label)
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
-    def batches(self, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Endless shuffled training batches."""
-        rng = random.Random(seed)
-        order: list[int] = []
-        while True:
-            if len(order) < batch_size:
-                more = list(range(len(self.crops)))
-                rng.shuffle(more)
-                order += more
-            indices, order = order[:batch_size], order[batch_size:]
-            yield self.load(indices, rng)
+
+class CropSampler:
+    """Endless shuffled training batches of a :class:`CropLoader`, with a state that a checkpoint keeps (the
+    random generator of the order and the jitter, and the rest of the current pass)."""
+
+    def __init__(self, loader: CropLoader, batch_size: int, seed: int):
+        self.loader, self.batch_size = loader, batch_size
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def __iter__(self) -> CropSampler:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        if len(self.order) < self.batch_size:
+            more = list(range(len(self.loader.crops)))
+            self.rng.shuffle(more)
+            self.order += more
+        indices, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return self.loader.load(indices, self.rng)
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
 
 
 class CropClassifier(nn.Module):
@@ -263,29 +289,44 @@ def _progress(enabled: bool, total: int) -> Any:
     return progress
 
 
-def _train_steps(
+@dataclass
+class Phase:
+    """One stage of a pretraining: its steps, its weight decay and, for bireal18, the binary modes
+    ``(activations, weights)`` of its convolutions."""
+
+    iters: int
+    weight_decay: float
+    binary: tuple[bool, bool] | None = None
+
+
+def _train_phase(
     model: CropClassifier,
-    batches: Iterator[tuple[Tensor, Tensor]],
-    steps: int,
+    sampler: CropSampler,
     optimizer: torch.optim.Optimizer,
+    lr: float,
     device: torch.device,
-    progress: Any,
-    done: int,
+    steps: int,
+    start: int,
+    offset: int,
+    losses: list[float],
+    progress: Any = None,
     log_file: Path | None = None,
+    checkpoint: Any = None,
+    checkpoint_every: int = 0,
 ) -> float:
-    """``steps`` optimisation steps; returns the mean loss of the last (up to) 50. Every :data:`LOG_EVERY` steps a
-    line goes to ``log_file``: the step counted from the start of the run, the mean seconds per step since the
-    last line, and the loss."""
+    """Steps ``start .. steps - 1`` of a phase of ``steps`` (warm-up and cosine decay over the whole phase); returns
+    the mean loss of its last (up to) 50 steps. ``losses`` holds the phase's recent losses (a resumed phase passes
+    the checkpoint's). Every :data:`LOG_EVERY` steps a line goes to ``log_file``: the step counted from the start of
+    the run (``offset`` + step), the mean seconds per step since the last line, and the loss. Every
+    ``checkpoint_every`` steps inside the phase ``checkpoint(step, losses)`` is called."""
     warmup = min(100, max(1, steps // 10))
-    base = [group["lr"] for group in optimizer.param_groups]
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    losses: list[float] = []
     model.train()
-    tick = time.perf_counter()
-    for step in range(steps):
-        for group, lr in zip(optimizer.param_groups, base):
+    tick, window = time.perf_counter(), 0
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
             group["lr"] = lr * lr_at(step, steps, warmup)
-        images, labels = next(batches)
+        images, labels = next(sampler)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = nn.functional.cross_entropy(model(images.to(device)).float(), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -293,18 +334,59 @@ def _train_steps(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
         losses.append(float(loss.detach()))
-        if log_file is not None and ((step + 1) % LOG_EVERY == 0 or step + 1 == steps):
+        del losses[:-50]
+        window += 1
+        if log_file is not None and ((offset + step + 1) % LOG_EVERY == 0 or step + 1 == steps):
             now = time.perf_counter()
-            window = (step + 1) % LOG_EVERY or LOG_EVERY
-            line = {"iter": done + step + 1, "step_time": (now - tick) / window, "loss": losses[-1]}
-            tick = now
+            line = {"iter": offset + step + 1, "step_time": (now - tick) / window, "loss": losses[-1]}
+            tick, window = now, 0
             with open(log_file, "a") as f:
                 f.write(json.dumps(line) + "\n")
         if progress is not None:
-            progress.update(progress.task_ids[0], advance=1, info=f"loss {np.mean(losses[-50:]):.3f}")
+            progress.update(progress.task_ids[0], advance=1, info=f"loss {np.mean(losses):.3f}")
         elif (step + 1) % max(1, steps // 10) == 0:
-            log.info("pretrain step %d: loss %.3f", done + step + 1, np.mean(losses[-50:]))
-    return float(np.mean(losses[-50:])) if losses else float("nan")
+            log.info("pretrain step %d: loss %.3f", offset + step + 1, np.mean(losses))
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint(step + 1, losses)
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write a resume checkpoint (atomically: a crash leaves the previous one)."""
+    from detkd.engine.checkpoint import save_atomic
+
+    save_atomic(state, path)
+
+
+def resume_path(weights: Path) -> Path:
+    """The resume checkpoint of the run that writes ``weights``: ``<weights stem>.resume.pt`` beside it."""
+    return weights.with_name(f"{weights.stem}.resume.pt")
+
+
+def load_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The resume checkpoint at ``path`` if there is one; a checkpoint of other settings is refused."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ConfigError(f"{path}: unreadable resume checkpoint ({exc}); delete it to start over") from None
+    theirs = state.get("settings", {})
+    changed = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in settings.items() if theirs.get(k) != v]
+    if changed:
+        raise ConfigError(
+            f"{path} holds an unfinished pretraining with other settings ({', '.join(changed)}); "
+            "run it with its own settings to finish it, or delete the file to start over"
+        )
+    return state
+
+
+def _keep_log_lines(log_file: Path, upto: int) -> None:
+    """Drop the lines of steps after ``upto`` (trained after the checkpoint a resumed run starts from)."""
+    if not log_file.exists():
+        return
+    kept = [line for line in log_file.read_text().splitlines() if line.strip() and json.loads(line)["iter"] <= upto]
+    log_file.write_text("".join(line + "\n" for line in kept))
 
 
 def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -346,6 +428,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     for name in ("iters", "crop_size", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
     binary = cfg.backbone == "bireal18"
     if binary and cfg.iters < 2:
         raise ConfigError("bireal18 trains in two steps: --iters must be >= 2")
@@ -385,7 +469,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     model = CropClassifier(cfg.backbone, len(classes) + 1).to(device)
     train_loader = CropLoader(train_set, train_crops, cfg.crop_size, jitter=True)
     val_loader = CropLoader(val_set, val_crops, cfg.crop_size, jitter=False)
-    batches = train_loader.batches(cfg.batch_size, cfg.seed)
+    sampler = CropSampler(train_loader, cfg.batch_size, cfg.seed)
     log.info(
         "pretrain %s: %d train crops (%d background), %d val crops, %d classes + background",
         cfg.backbone,
@@ -395,32 +479,86 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         len(classes),
     )
 
+    phases = [Phase(cfg.iters, cfg.weight_decay)]
+    if binary:  # ReActNet: weight decay 1e-5 with real-valued weights, none once they are binary
+        first = cfg.iters // 2
+        phases = [Phase(first, 1e-5, (cfg.step1 == "reactnet", False)), Phase(cfg.iters - first, 0.0, (True, True))]
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    checkpoint_file = resume_path(weights_path)
+    state = load_checkpoint(checkpoint_file, settings)
+    records: list[dict[str, Any]] = state["records"] if state else []
+    first_phase, first_step = (state["phase"], state["step"]) if state else (0, 0)
+    done = sum(p.iters for p in phases[:first_phase]) + first_step
+    if state:
+        log.info("pretrain %s: resuming from step %d of %d (%s)", cfg.backbone, done, cfg.iters, checkpoint_file)
+
     log_file = Path(cfg.log) if cfg.log else None
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file.write_text("")  # a pretraining starts over: its old lines would read as progress
-    start = time.perf_counter()
-    progress = _progress(cfg.progress, cfg.iters)
-    steps: list[dict[str, Any]] = []
-    try:
-        if binary:
-            first = cfg.iters // 2
-            set_binary_mode(model, activations=cfg.step1 == "reactnet", weights=False)
-            optimizer = _optimizer(model, optimizer_name, lr, 1e-5)
-            loss = _train_steps(model, batches, first, optimizer, device, progress, 0, log_file)
-            steps.append({"step": 1, "iters": first, "loss": loss, "top1": top1(model, val_loader, device, 256)[0]})
-            set_binary_mode(model, activations=True, weights=True)
-            optimizer = _optimizer(model, optimizer_name, lr, 0.0)
-            loss = _train_steps(model, batches, cfg.iters - first, optimizer, device, progress, first, log_file)
-            steps.append({"step": 2, "iters": cfg.iters - first, "loss": loss})
+        if state:
+            _keep_log_lines(log_file, done)
         else:
-            optimizer = _optimizer(model, optimizer_name, lr, cfg.weight_decay)
-            loss = _train_steps(model, batches, cfg.iters, optimizer, device, progress, 0, log_file)
-            steps.append({"step": 1, "iters": cfg.iters, "loss": loss})
+            log_file.write_text("")  # a pretraining starts over: its old lines would read as progress
+    start = time.perf_counter()
+    elapsed = float(state["elapsed_s"]) if state else 0.0
+    progress = _progress(cfg.progress, cfg.iters)
+    if progress is not None and done:
+        progress.update(progress.task_ids[0], completed=done)
+    try:
+        for index in range(first_phase, len(phases)):
+            phase = phases[index]
+            if phase.binary is not None:
+                set_binary_mode(model, *phase.binary)
+            optimizer = _optimizer(model, optimizer_name, lr, phase.weight_decay)
+            step, losses = 0, []
+            if state and index == first_phase:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                sampler.load_state_dict(state["sampler"])
+                torch.set_rng_state(state["torch_rng"])
+                step, losses = first_step, list(state["losses"])
+            offset = sum(p.iters for p in phases[:index])
+
+            def checkpoint(at: int, recent: list[float], index: int = index, optimizer: Any = optimizer) -> None:
+                save_checkpoint(
+                    {
+                        "settings": settings,
+                        "phase": index,
+                        "step": at,
+                        "records": records,
+                        "losses": list(recent),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "sampler": sampler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "elapsed_s": elapsed + time.perf_counter() - start,
+                    },
+                    checkpoint_file,
+                )
+
+            loss = _train_phase(
+                model,
+                sampler,
+                optimizer,
+                lr,
+                device,
+                phase.iters,
+                step,
+                offset,
+                losses,
+                progress,
+                log_file,
+                checkpoint,
+                cfg.checkpoint_every,
+            )
+            record: dict[str, Any] = {"step": index + 1, "iters": phase.iters, "loss": loss}
+            if binary and index == 0:  # how far the real-valued weights got
+                record["top1"] = top1(model, val_loader, device, 256)[0]
+            records.append(record)
     finally:
         if progress is not None:
             progress.stop()
-    train_time = time.perf_counter() - start
+    train_time = elapsed + time.perf_counter() - start
     accuracy, object_accuracy = top1(model, val_loader, device, 256)
 
     save_atomic(model.backbone_state(), weights_path)
@@ -434,7 +572,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "train_background_crops": len(train_crops) - len(train_objects),
         "val_crops": len(val_crops),
         "val_background_crops": len(val_crops) - len(val_objects),
-        "steps": steps,
+        "steps": records,
+        "resumed_from": done or None,
         "top1": accuracy,
         "top1_objects": object_accuracy,
         "train_time_s": round(train_time, 1),
@@ -442,6 +581,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
     }
     report_path.write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    checkpoint_file.unlink(missing_ok=True)
     return report
 
 
@@ -452,7 +592,8 @@ def add_parser(sub: Any) -> None:
         description="Train a backbone as a classifier of the object crops (plus background crops) of a detection "
         "dataset's train split; write a state dict that model.backbone_weights=PATH loads, and its top-1 accuracy "
         "on the val split's crops to a JSON file next to it. bireal18 trains in two steps (real-valued weights, "
-        "then binary).",
+        "then binary). A stopped run resumes from its last checkpoint (<weights>.resume.pt) when the same command "
+        "runs again.",
     )
     p.add_argument("--backbone", required=True, help="r18, r34, r50, r101, mbv3 or bireal18")
     p.add_argument("--data", required=True, help="dataset folder (COCO, VOC or YOLO layout)")
@@ -478,6 +619,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log", help="append the step, seconds per step and loss every 10 steps to this JSON-lines file")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="steps between resume checkpoints (default 100; 0: none); the same command resumes a stopped run",
+    )
     p.set_defaults(func=cmd_pretrain)
 
 

@@ -1,8 +1,8 @@
 """Running a suite: every run an ordinary ``detkd train``/``distill`` child process in its own folder.
 
 An interrupted suite resumes where it stopped: finished runs are read back, unfinished ones continue from their
-``last.pt``; a backbone pretraining (``detkd pretrain``) is resumed as a unit: a finished weights file is reused, an
-unfinished one is trained again. Stopping ``detkd bench`` (SIGTERM, or Ctrl-C) stops every child run it started
+``last.pt``; a backbone pretraining (``detkd pretrain``) is reused once its weights file is written, and an
+unfinished one resumes from its own checkpoint (``<backbone>.resume.pt``). Stopping ``detkd bench`` (SIGTERM, or Ctrl-C) stops every child run it started
 first, so each folder is left as a resumable run (its last checkpoint), and the same command resumes them.
 
 The timing phase (:mod:`detkd.bench.timing`) runs in this process, after the accuracy runs.
@@ -124,7 +124,7 @@ class Bench(Plan):
         teacher = self.teacher_dir(pair) / "student.pt" if pair.teacher and self.teacher_dir(pair) in deps else None
         args = spec.args(self.data_dir, out, teacher, self.inputs(spec))
         if spec.kind == "pretrain":
-            pass  # trained again from the start: `detkd pretrain` writes its weights only once finished
+            pass  # `detkd pretrain` resumes from its own checkpoint, if there is one
         elif (out / "last.pt").exists():
             args.append("--resume")
         elif (out / "best.pt").exists() or (out / "student.pt").exists():
