@@ -190,13 +190,20 @@ def test_curve_runs_are_teachers_and_students_at_1x_and_2x_with_periodic_evaluat
     assert frcnn["student@1x", 0].backbone == "r18"
     assert {s.row for s in specs if s.pair == "free"} == {"student@1x", "student@2x"}
     # The 1x runs are the suite's teacher and baselines (evaluations do not key a folder), the student's 2x run its
-    # same-wall-clock baseline at factor 2; the teacher's 2x run is the study's own.
+    # same-wall-clock baseline at factor 2; the teacher's 2x run is the teacher of the suite with a doubled teacher
+    # schedule.
     plan = {(s.pair, s.row, s.seed): bench.run_dir(s) for s in bench.plan()}
     assert bench.run_dir(frcnn["teacher@1x", 0]) == plan["frcnn", "teacher", 0] == bench.teacher_dir(bench.pairs[0])
     assert bench.run_dir(frcnn["student@1x", 1]) == plan["frcnn", "baseline", 1]
     tm2 = bench.time_matched_specs({"frcnn": {"student_step_s": 1.0, "rows": {"kd": {"step_s": 1.9}}}})
     assert bench.run_dir(frcnn["student@2x", 0]) == bench.run_dir(next(s for s in tm2 if s.seed == 0))
     assert bench.run_dir(frcnn["teacher@2x", 0]) not in plan.values()
+    longer = tiny_suite(time_matched=True)
+    for pair in longer.pairs:
+        pair.teacher_iters *= 2
+    doubled = Bench(longer, tmp_path)
+    assert bench.run_dir(frcnn["teacher@2x", 0]) == doubled.teacher_dir(doubled.pairs[0])
+    assert bench.run_dir(frcnn["teacher@2x", 0]).parent == bench.teacher_dir(bench.pairs[0]).parent
 
 
 def _curve(pair, row, seed, finals):
@@ -343,7 +350,7 @@ print(json.dumps(records))
 
 
 @pytest.mark.slow  # child processes: about 20 s
-def test_sigterm_stops_a_pretraining_and_the_same_command_trains_it_again(tmp_path):
+def test_sigterm_stops_a_pretraining_and_the_same_command_runs_it_again(tmp_path):
     import os
     import signal
     import subprocess
@@ -394,7 +401,7 @@ def test_sigterm_stops_a_pretraining_and_the_same_command_trains_it_again(tmp_pa
         "kd-finetune",
         "finetune-alone",
     }
-    assert [c["command"] for c in calls(root)].count("pretrain") == 2  # stopped, then trained again from the start
+    assert [c["command"] for c in calls(root)].count("pretrain") == 2  # stopped, then run again (it resumes itself)
 
 
 def test_a_run_without_evaluations_along_the_way_gives_its_final_point(tmp_path):

@@ -4,8 +4,10 @@ For every pair of the suite it trains, from the suite's pretrained backbones whe
 (seed 0) and the baseline student (every seed) at the pair's schedule, and both once more (seed 0) at twice the
 schedule, each evaluated :data:`CURVE_POINTS` times along the way (``train.eval_every``; evaluation does not change
 training). The 1x runs are the suite's own teacher and baseline runs and the student's 2x run is its
-same-wall-clock baseline at factor 2 (run folders are keyed without ``train.eval_every``), so the study's compute is
-not spent twice; run it before the suite, so that those folders hold their evaluations. It writes ``curves.json``,
+same-wall-clock baseline at factor 2 (run folders are keyed without ``train.eval_every``); both teacher runs are
+cached teachers keyed by their schedule, so that the 2x teacher is the suite's teacher if the study doubles the
+teacher's schedule. The study's compute is not spent twice; run it before the suite, so that those folders hold
+their evaluations. It writes ``curves.json``,
 one PNG per pair and a Markdown section (``curves.md``) that states, per pair:
 
 - the student's final mAP at 1x (mean ± std over seeds) and at 2x, and whether 2x adds less than the seeds'
@@ -50,7 +52,7 @@ def curve_specs(bench: Bench) -> list[RunSpec]:
         for row, model, iters, seed, overrides in runs:
             every = [f"train.eval_every={max(1, iters // CURVE_POINTS)}"]
             backbone = bench.backbone_of(pair, model)
-            teacher = row == "teacher@1x"  # the suite's cached teacher
+            teacher = row.startswith("teacher@")  # a cached teacher at this schedule
             specs.append(
                 RunSpec(
                     pair.name,

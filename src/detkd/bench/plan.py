@@ -53,7 +53,7 @@ class RunSpec:
     seed: int
     overrides: list[str]  # config overrides; for a pretrain run, its command-line options
     methods: list[str] = field(default_factory=list)
-    teacher_row: bool = False  # the pair's teacher at its schedule: its folder is the cached teacher
+    teacher_row: bool = False  # the pair's teacher (at this run's schedule): its folder is a cached teacher
     backbone: str | None = None  # the suite's pretrained backbone this run starts from
     init: RunSpec | None = None  # the run whose student.pt initialises this one (model.weights)
 
@@ -167,11 +167,14 @@ class Plan:
             )
         return backbone
 
-    def teacher_dir(self, pair: Pair) -> Path:
+    def teacher_dir(self, pair: Pair, iters: int | None = None) -> Path:
+        """The cached teacher of ``pair`` trained for ``iters`` steps (default: the pair's teacher schedule). A
+        teacher trained at another schedule (the regime study's 2x run) is the pair's teacher once its schedule
+        becomes that one."""
         fields: dict[str, Any] = {
             "data": asdict(self.suite.data),
             "model": pair.teacher,
-            "iters": pair.teacher_iters,
+            "iters": pair.teacher_iters if iters is None else iters,
             "overrides": key_overrides(pair.overrides),
         }
         backbone = self.backbone_of(pair, pair.teacher) if pair.teacher else None
@@ -185,7 +188,7 @@ class Plan:
             return self.pretrain_dir(spec.model)
         pair = self._pair(spec.pair)
         if spec.kind == "teacher" or spec.teacher_row:
-            return self.teacher_dir(pair)
+            return self.teacher_dir(pair, spec.iters)
         teacher = self.teacher_dir(pair).name if pair.teacher and spec.command == "distill" else None
         fields: dict[str, Any] = {
             "data": asdict(self.suite.data),

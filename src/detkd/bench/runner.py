@@ -2,8 +2,9 @@
 
 An interrupted suite resumes where it stopped: finished runs are read back, unfinished ones continue from their
 ``last.pt``; a backbone pretraining (``detkd pretrain``) is reused once its weights file is written, and an
-unfinished one resumes from its own checkpoint (``<backbone>.resume.pt``). Stopping ``detkd bench`` (SIGTERM, or Ctrl-C) stops every child run it started
-first, so each folder is left as a resumable run (its last checkpoint), and the same command resumes them.
+unfinished one resumes from its own checkpoint (``<backbone>.resume.pt``). Stopping ``detkd bench`` (SIGTERM, or
+Ctrl-C) stops every child run it started first, so each folder is left as a resumable run (its last checkpoint), and
+the same command resumes them.
 
 The timing phase (:mod:`detkd.bench.timing`) runs in this process, after the accuracy runs.
 """
