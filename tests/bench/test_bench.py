@@ -41,10 +41,10 @@ def test_every_suite_plans_registered_detectors_and_methods(suite, tmp_path):
 def test_pairs_filter_plans_only_those_pairs_and_names_bad_ones(tmp_path):
     from detkd.errors import ConfigError
 
-    bench = Bench(SUITES["cpu"], tmp_path, pairs=["lgd_r50"])
+    bench = Bench(SUITES["gpu"], tmp_path, pairs=["lgd_r50"])
     specs = bench.plan()
     assert {s.pair for s in specs} == {"lgd_r50"}
-    assert not any(s.kind == "teacher" for s in specs)  # the lgd pair of the cpu suite is teacher-free
+    assert not any(s.kind == "teacher" for s in specs)  # the lgd pair of the gpu suite is teacher-free
     with pytest.raises(ConfigError, match="no pair nope"):
         Bench(SUITES["cpu"], tmp_path, pairs=["nope"])
 
@@ -91,7 +91,7 @@ class FakeRuns:
 
 
 def test_a_distillation_row_starts_once_its_own_teacher_is_done(tmp_path, monkeypatch):
-    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["frcnn", "lgd_r50"], methods=["kd", "lgd"], jobs=2)
+    bench = Bench(SUITES["gpu"], tmp_path, seeds=1, pairs=["frcnn", "lgd_r50"], methods=["kd", "lgd"], jobs=2)
     kd_started = threading.Event()
     runs = FakeRuns(bench, hold={("lgd_r50", "lgd"): kd_started}, signal={("frcnn", "kd"): kd_started})
     monkeypatch.setattr(bench, "_launch", runs)
@@ -104,7 +104,7 @@ def test_a_distillation_row_starts_once_its_own_teacher_is_done(tmp_path, monkey
 
 
 def test_rows_of_a_failed_teacher_are_dropped_and_the_rest_run(tmp_path, monkeypatch):
-    bench = Bench(SUITES["cpu"], tmp_path, seeds=2, pairs=["frcnn", "lgd_r50"], methods=["kd", "lgd"], jobs=2)
+    bench = Bench(SUITES["gpu"], tmp_path, seeds=2, pairs=["frcnn", "lgd_r50"], methods=["kd", "lgd"], jobs=2)
     runs = FakeRuns(bench, fail={("frcnn", "teacher")})
     monkeypatch.setattr(bench, "_launch", runs)
     rows = {(r["pair"], r["row"]) for r in bench.run_all(bench.plan())}
@@ -115,7 +115,7 @@ def test_rows_of_a_failed_teacher_are_dropped_and_the_rest_run(tmp_path, monkeyp
 def test_a_resumed_suite_keeps_its_timing_unless_a_checkpoint_changed(tmp_path, monkeypatch):
     from detkd.bench import timing as bench_timing
 
-    bench = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["lgd_r50"])
+    bench = Bench(SUITES["gpu"], tmp_path, seeds=1, pairs=["lgd_r50"])
     baseline = bench.run_dir(next(s for s in bench.plan() if s.row == "baseline")) / "student.pt"
     baseline.parent.mkdir(parents=True)
     baseline.write_bytes(b"weights")
@@ -128,7 +128,7 @@ def test_a_resumed_suite_keeps_its_timing_unless_a_checkpoint_changed(tmp_path, 
     assert len(calls) == 1 and again["lgd_r50"] == first["lgd_r50"]
     baseline.write_bytes(b"other weights")  # re-trained: measured anew
     assert bench.measure(saved=first)["lgd_r50"]["student_step_s"] == 2
-    narrower = Bench(SUITES["cpu"], tmp_path, seeds=1, pairs=["lgd_r50"], methods=["nothing"])
+    narrower = Bench(SUITES["gpu"], tmp_path, seeds=1, pairs=["lgd_r50"], methods=["nothing"])
     assert narrower.measure(saved=first)["lgd_r50"]["student_step_s"] == 3  # other rows: measured anew
 
 
