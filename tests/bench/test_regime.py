@@ -458,3 +458,13 @@ def test_the_plan_is_costed_by_the_step_times_of_finished_runs(tmp_path):
     assert bench.measured_seconds(next(s for s in specs if s.row == "kd")) is None  # no kd run finished yet
     line = plan_cost(bench, specs)
     assert "h of training for" in line and "not yet measurable" in line
+
+
+def test_a_resumed_run_costs_its_steps_at_its_step_time():
+    from detkd.bench.plan import run_seconds
+
+    whole = {"iters": 2000, "train_time_s": 2600.0, "step_time_s": 1.3, "resumed_from": None}
+    assert run_seconds(whole) == 2600.0
+    # Resumed at step 1600: train_time_s holds only the last 400 steps.
+    resumed = {"iters": 2000, "train_time_s": 520.0, "step_time_s": 1.3, "resumed_from": 1600}
+    assert run_seconds(resumed) == 2600.0

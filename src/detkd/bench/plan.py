@@ -40,6 +40,14 @@ def _stamp(path: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def run_seconds(final: dict[str, Any]) -> float | None:
+    """A finished run's training time: its ``train_time_s``, or for a run resumed part-way (whose ``train_time_s``
+    counts only the last part) its steady seconds per step times its steps."""
+    if final.get("resumed_from") and final.get("step_time_s"):
+        return round(float(final["step_time_s"]) * int(final.get("iters", 0)), 1)
+    return final.get("train_time_s")
+
+
 @dataclass
 class RunSpec:
     """One training run of the suite."""
@@ -223,7 +231,7 @@ class Plan:
             ]
             return statistics.median(rates) * spec.iters if rates else None
         if (out / "final.json").exists():
-            return json.loads((out / "final.json").read_text()).get("train_time_s")
+            return run_seconds(json.loads((out / "final.json").read_text()))
         name = spec.model + ("+" + "+".join(spec.methods) if spec.methods else "")
         finals = [*self.root.glob(f"runs/{name}/*/seed*/final.json")]
         if spec.kind == "teacher" or spec.teacher_row or not spec.methods:

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from detkd.bench.plan import Plan, RunSpec, _hash, _stamp
+from detkd.bench.plan import Plan, RunSpec, _hash, _stamp, run_seconds
 from detkd.bench.progress import Display, RunState, read_log_tail
 from detkd.bench.report import aggregate
 
@@ -186,7 +186,7 @@ class Bench(Plan):
             "AP": m.get("AP"),
             "AP50": m.get("AP50"),
             "AP75": m.get("AP75"),
-            "train_time_s": final.get("train_time_s"),
+            "train_time_s": run_seconds(final),
             "step_time_s": final.get("step_time_s"),
             "peak_memory_mb": final.get("peak_memory_mb"),
             "nonfinite_steps": final.get("nonfinite_steps"),
