@@ -113,6 +113,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
     assert victim.wait() == -signal.SIGKILL
     stopped_at = _checkpoint_iter(killed / "last.pt")
     assert KILL_AFTER <= stopped_at < ITERS and not (killed / "final.json").exists(), "killed too late to test"
+    time_before = float(read_checkpoint(killed / "last.pt")["train_time_s"])
+    assert time_before > 0
 
     # Only --resume and the folder: the rest comes from the run's own config.yaml.
     resumed = subprocess.run(
@@ -125,6 +127,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
     final_full = json.loads((full / "final.json").read_text())
     final_killed = json.loads((killed / "final.json").read_text())
     assert final_killed["resumed_from"] == stopped_at and final_killed["iters"] == ITERS
+    assert final_killed["train_time_s"] > time_before  # the time before the kill counts too
     for key in ("per_class_AP", "best", "nonfinite_steps"):
         assert final_killed[key] == final_full[key], key
     metrics = [{k: v for k, v in f["metrics"].items() if k not in TIMING_KEYS} for f in (final_killed, final_full)]

@@ -118,6 +118,7 @@ def training_state(trainer: Trainer, extra: dict[str, Any], rng: list[dict[str, 
         "rng": rng if rng is not None else [rng_state(trainer.device)],
         "best": dict(trainer.best),
         "nonfinite_total": trainer.nonfinite_total,
+        "train_time_s": trainer.train_time(),
         **extra,
     }
     calibration = getattr(trainer.model, "calibration", None)

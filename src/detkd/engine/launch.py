@@ -17,7 +17,6 @@ import os
 import platform
 import resource
 import sys
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -395,12 +394,14 @@ class Restored:
     best: dict[str, Any] | None = None
     nonfinite_total: int = 0
     rng: list[dict[str, Any]] = field(default_factory=list)
+    train_time_s: float = 0.0
 
     def apply(self, trainer: Trainer, run: Run) -> None:
         """Give the trainer the loop state and this rank its random streams (just before training)."""
         trainer.scaler.load_state_dict(self.scaler)
         trainer.best = dict(self.best or trainer.best)
         trainer.nonfinite_total = self.nonfinite_total
+        trainer.time_before = self.train_time_s
         rank, world = run.process.rank, run.process.world
         if len(self.rng) != world:
             log.warning(
@@ -437,6 +438,7 @@ def restore(run: Run, last: Path) -> Restored:
         scaler=ckpt.get("scaler", {}),
         best=ckpt.get("best"),
         nonfinite_total=int(ckpt.get("nonfinite_total", 0)),
+        train_time_s=float(ckpt.get("train_time_s", 0.0)),  # older checkpoints: only the time after the resume counts
         rng=rng if isinstance(rng, list) else [rng],  # older checkpoints: rank 0's state alone
     )
     return restored
@@ -545,7 +547,7 @@ def make_trainer(run: Run, hooks: list[Hook], start_iter: int) -> Trainer:
     )
 
 
-def summarize(run: Run, trainer: Trainer, hooks: Hooks, start_iter: int, train_time: float) -> dict[str, Any]:
+def summarize(run: Run, trainer: Trainer, hooks: Hooks, start_iter: int) -> dict[str, Any]:
     """The run's ``final.json``: steps, time, memory, metrics, best score, method activity, machine."""
     device = run.process.device
     last = hooks.evaluator.last
@@ -553,7 +555,7 @@ def summarize(run: Run, trainer: Trainer, hooks: Hooks, start_iter: int, train_t
         "out": str(run.out),
         "iters": trainer.iter,
         "resumed_from": start_iter or None,
-        "train_time_s": round(train_time, 2),
+        "train_time_s": round(trainer.train_time(), 2),  # every part of a resumed run
         "step_time_s": hooks.logger.steady_step_time(),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "nonfinite_steps": trainer.nonfinite_total,
@@ -604,9 +606,8 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
         restored.apply(trainer, built)
     if process.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(process.device)
-    start = time.perf_counter()
     trainer.run()
-    summary = summarize(built, trainer, hooks, start_iter, time.perf_counter() - start)
+    summary = summarize(built, trainer, hooks, start_iter)
     if process.main:
         (out / "final.json").write_text(json.dumps(json_safe(summary), indent=2))
     if process.world > 1:

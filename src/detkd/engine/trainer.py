@@ -52,7 +52,8 @@ class Trainer:
 
     :meth:`run` is the loop; :meth:`run_step` is one whole training step (the benchmark's step timing calls it
     alone). Public state hooks use: ``iter`` (steps completed), ``max_iters``, ``record`` (last step's losses and
-    stats), ``step_time``, ``nonfinite_total``, ``best`` (best eval score and its step), ``state`` (free dict).
+    stats), ``step_time``, ``nonfinite_total``, ``best`` (best eval score and its step), ``state`` (free dict),
+    :meth:`train_time` (seconds of training so far, the parts before a resume included).
 
     Args:
         model: the model (student, teacher, distillers).
@@ -102,8 +103,16 @@ class Trainer:
         self.best: dict[str, Any] = {"score": None, "iter": None}
         self.state: dict[str, Any] = {}
         self.params = [p for p in model.trainable_module.parameters() if p.requires_grad]
+        self.time_before = 0.0  # training seconds of the parts before a resume
+        self.started: float | None = None
+
+    def train_time(self) -> float:
+        """Seconds of training so far: this part's (since :meth:`run` started) and the parts' before a resume."""
+        now = time.perf_counter()
+        return self.time_before + (now - self.started if self.started is not None else 0.0)
 
     def run(self) -> None:
+        self.started = time.perf_counter()
         try:
             for hook in self.hooks:
                 hook.before_train(self)
