@@ -189,6 +189,10 @@ def test_curve_runs_are_teachers_and_students_at_1x_and_2x_with_periodic_evaluat
         ("student@2x", 0),
     }
     assert frcnn["teacher@2x", 0].iters == 8 and frcnn["student@2x", 0].iters == 8
+    # The 2x teachers (the longest runs, needed by the plateau test alone) come last in the queue.
+    rows = [s.row for s in specs]
+    first = rows.index("teacher@2x")
+    assert rows[first:] == ["teacher@2x"] * (len(rows) - first) and "student@2x" in rows[:first]
     assert "train.eval_every=1" in frcnn["student@2x", 0].overrides
     assert frcnn["student@1x", 0].backbone == "r18"
     assert {s.row for s in specs if s.pair == "free"} == {"student@1x", "student@2x"}
