@@ -18,8 +18,9 @@ settings, to a JSON file next to the weights.
 
 An interrupted pretraining resumes: every ``checkpoint_every`` steps (default 100) the classifier, the optimiser, the
 crop sampler's random state and the step are written to ``<weights>.resume.pt`` (atomically), and running the same
-command again continues from there and ends with the weights an uninterrupted run would have written, bit for bit.
-The file is removed once the weights are written; a checkpoint of other settings is refused, not silently resumed.
+command again continues from there and ends with the weights an uninterrupted run would have written (bit for bit
+on CPU). The file is removed once the weights are written; a checkpoint of other settings is refused, not silently
+resumed.
 
 ``bireal18`` is trained in two steps of ``iters / 2`` each, the recipe of ReActNet (Liu et al., ECCV 2020,
 *ReActNet: Towards Precise Binary Neural Network with Generalized Activation Functions*, arXiv 2003.03488), which
