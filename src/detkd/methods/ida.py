@@ -64,13 +64,14 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms, roi_align
+from torchvision.ops import nms
 
 from detkd.errors import ConfigError
 from detkd.methods.base import Distiller, MethodConfig
 from detkd.methods.connectors import build_connectors
 from detkd.methods.losses import box_masks
 from detkd.models.outputs import Detector, DetOutputs, TwoStageHead
+from detkd.models.roi_align import roi_align
 
 log = logging.getLogger("detkd")
 

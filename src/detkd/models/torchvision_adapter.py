@@ -23,12 +23,13 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
-from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops import box_iou
 from torchvision.ops.poolers import initLevelMapper
 
 from detkd.errors import ConfigError
 from detkd.models.backbones import FPNBackbone
 from detkd.models.outputs import DenseHead, Detector, TwoStageHead
+from detkd.models.roi_align import FastMultiScaleRoIAlign
 
 
 class _TorchvisionDetector(Detector):
@@ -257,7 +258,7 @@ def build_faster_rcnn(backbone: FPNBackbone, num_classes: int, preset: dict[str,
     strides = [f.stride for f in backbone.feature_info]
     anchors = AnchorGenerator(tuple((preset["anchor_scale"] * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
     roi_levels = [f for f in backbone.feature_info if f.name != "p6"]
-    roi_pool = MultiScaleRoIAlign([f.name for f in roi_levels], output_size=7, sampling_ratio=2)
+    roi_pool = FastMultiScaleRoIAlign([f.name for f in roi_levels], output_size=7, sampling_ratio=2)
     # torchvision infers the level scales from the first batch it sees, which goes wrong when that batch's images
     # were shrunk by max_size; the strides are known, so set them.
     roi_pool.scales = [1.0 / f.stride for f in roi_levels]
