@@ -5,8 +5,9 @@ one thread; in a profile of a slim Faster R-CNN training step on one CPU thread 
 the step. The backward here computes the corners and weights once for all channels, as a sparse (pixels x output
 bins) matrix, and the input's gradient is one sparse-dense product with the output's gradient. The forward is
 torchvision's own op; the gradient is the same sum in another order, equal to torchvision's to float rounding
-(tests/models/test_roi_align.py), and deterministic. On CUDA, in inference and with an adaptive sampling ratio
-(``sampling_ratio <= 0``, where the number of samples differs per RoI) torchvision's op is used as it is.
+(tests/models/test_roi_align.py), and deterministic. On CUDA, in reduced precision, in inference and with an
+adaptive sampling ratio (``sampling_ratio <= 0``, where the number of samples differs per RoI) torchvision's op is
+used as it is.
 
 The geometry follows RoIAlign as torchvision defines it: with ``aligned`` the box corners move by half a pixel;
 without it, boxes are at least one pixel wide and high; a sample point more than one pixel outside the map
@@ -35,7 +36,8 @@ def roi_align(
     size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     if isinstance(rois, (list, tuple)):
         rois = boxes_to_rois(rois)
-    if input.device.type != "cpu" or sampling_ratio <= 0 or not (torch.is_grad_enabled() and input.requires_grad):
+    own = input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64) and sampling_ratio > 0
+    if not (own and torch.is_grad_enabled() and input.requires_grad):
         return tv_roi_align(input, rois, size, spatial_scale, sampling_ratio, aligned)
     return _RoIAlign.apply(input, rois, size, float(spatial_scale), int(sampling_ratio), bool(aligned))
 
