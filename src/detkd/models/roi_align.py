@@ -1,9 +1,10 @@
 """RoIAlign with a vectorised CPU backward pass.
 
 torchvision's RoIAlign backward on CPU recomputes every sample point's bilinear corners once per channel; in a
-profile of a slim Faster R-CNN training step on one CPU thread it was most of RoIAlign's quarter of the step. The backward here computes the corners and weights once for all channels, as a sparse (pixels x output
-bins) matrix, and the input's gradient is one sparse-dense product with the output's gradient. The forward is
-torchvision's own op; the gradient is the same sum in another order, equal to torchvision's to float rounding
+profile of a slim Faster R-CNN training step on one CPU thread it was most of RoIAlign's quarter of the step. The
+backward here computes the corners and weights once for all channels, as a sparse (pixels x output bins) matrix, and
+the input's gradient is one sparse-dense product with the output's gradient. The forward is torchvision's own op;
+the gradient is the same sum in another order, equal to torchvision's to float rounding
 (tests/models/test_roi_align.py), and deterministic. On CUDA, in reduced precision, in inference and with an
 adaptive sampling ratio (``sampling_ratio <= 0``, where the number of samples differs per RoI) torchvision's op is
 used as it is.
