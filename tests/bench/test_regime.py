@@ -472,3 +472,20 @@ def test_a_resumed_run_costs_its_steps_at_its_step_time():
     # Resumed at step 1600: train_time_s holds only the last 400 steps.
     resumed = {"iters": 2000, "train_time_s": 520.0, "step_time_s": 1.3, "resumed_from": 1600}
     assert run_seconds(resumed) == 2600.0
+
+
+def test_a_one_seed_row_trains_seed_0_only_and_the_report_says_so(tmp_path):
+    from detkd.bench.report import aggregate, render_markdown
+    from tests.bench.test_bench import fake_results
+
+    specs = Bench(tiny_suite(one_seed=["kd-paper"]), tmp_path).plan()
+    rows = {(s.row, s.seed) for s in specs if s.pair == "frcnn"}
+    assert ("kd-paper", 0) in rows and ("kd-paper", 1) not in rows
+    assert {("kd", 0), ("kd", 1), ("baseline", 1), ("kd-finetune", 1)} <= rows  # every other row keeps its seeds
+    results = fake_results()
+    assert results["seeds"] > 1
+    results["table"] = aggregate(results)
+    results["pairs"][0]["one_seed"] = ["fitnet"]
+    assert "`fitnet` ran seed 0 only" in render_markdown(results, {}, tmp_path)
+    results["pairs"][0]["one_seed"] = []
+    assert "seed 0 only" not in render_markdown(results, {}, tmp_path)

@@ -353,6 +353,8 @@ class Plan:
                 rows = [(row, row, []) for row in self._method_rows(pair)]
                 rows += [(key, row, extra) for key, (row, extra) in pair.variants.items() if self._selected(row)]
                 for key, row, own in rows:
+                    if seed and key in pair.one_seed:
+                        continue
                     # A variant that sets the calibration itself shows the other choice on the same pair.
                     own_calibration = any(o.startswith("distill.calibrate=") for o in own)
                     extra = (

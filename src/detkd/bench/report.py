@@ -264,7 +264,9 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
         f"- **Data:** built-in digits, `{d['difficulty']}` variant, {d['train']} train / {d['val']} val images of "
         f"{d['size']} px (seed {d['seed']}); train and val use disjoint source digits.",
         f"- **Protocol:** every student row uses the same data, schedule and seeds ({results['seeds']} seeds: 0.."
-        f"{results['seeds'] - 1}); each teacher trained once (seed 0) and cached. {results['jobs']} run(s) at a time, "
+        f"{results['seeds'] - 1}"
+        + ("; the rows a pair names run seed 0 only" if any(p.get("one_seed") for p in results["pairs"]) else "")
+        + f"); each teacher trained once (seed 0) and cached. {results['jobs']} run(s) at a time, "
         f"{results['threads_per_run']} CPU thread(s) each. Metrics on the full val split.",
     ]
     pretrained = [r for r in results["records"] if r["kind"] == "pretrain" and not r.get("failed")]
@@ -318,6 +320,12 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
                 + (f" (`{' '.join(ft['overrides'])}`)" if ft["overrides"] else "")
                 + "; its gain is over that baseline. "
                 for key, ft in (pair.get("finetunes") or {}).items()
+            )
+            + (
+                f"{', '.join(f'`{r}`' for r in pair['one_seed'])} ran seed 0 only (context rows, no goal judges "
+                "them; their gain is over the baseline's mean). "
+                if pair.get("one_seed") and results["seeds"] > 1
+                else ""
             )
             + ("Every run starts from the suite's pretrained backbones. " if pair.get("pretrained") else "")
             + (
