@@ -464,14 +464,18 @@ def test_the_plan_is_costed_by_the_step_times_of_finished_runs(tmp_path):
     assert "h of training for" in line and "not yet measurable" in line
 
 
-def test_a_resumed_run_costs_its_steps_at_its_step_time():
+def test_a_resumed_run_costs_its_timed_parts_or_its_steps_at_its_step_time():
     from detkd.bench.plan import run_seconds
 
     whole = {"iters": 2000, "train_time_s": 2600.0, "step_time_s": 1.3, "resumed_from": None}
     assert run_seconds(whole) == 2600.0
-    # Resumed at step 1600: train_time_s holds only the last 400 steps.
-    resumed = {"iters": 2000, "train_time_s": 520.0, "step_time_s": 1.3, "resumed_from": 1600}
-    assert run_seconds(resumed) == 2600.0
+    # Resumed at step 1600 from a checkpoint that timed the first part: train_time_s holds both parts.
+    timed = {"iters": 2000, "train_time_s": 2700.0, "step_time_s": 1.3, "resumed_from": 1600}
+    assert run_seconds({**timed, "train_time_partial": False}) == 2700.0
+    # ... from one that did not (or a run older than the flag): train_time_s holds only the last 400 steps.
+    partial = {"iters": 2000, "train_time_s": 520.0, "step_time_s": 1.3, "resumed_from": 1600}
+    assert run_seconds({**partial, "train_time_partial": True}) == 2600.0
+    assert run_seconds(partial) == 2600.0
 
 
 def test_a_one_seed_row_trains_seed_0_only_and_the_report_says_so(tmp_path):

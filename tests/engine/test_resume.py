@@ -128,6 +128,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
     final_killed = json.loads((killed / "final.json").read_text())
     assert final_killed["resumed_from"] == stopped_at and final_killed["iters"] == ITERS
     assert final_killed["train_time_s"] > time_before  # the time before the kill counts too
+    assert final_killed["train_time_partial"] is False and final_full["train_time_partial"] is False
     for key in ("per_class_AP", "best", "nonfinite_steps"):
         assert final_killed[key] == final_full[key], key
     metrics = [{k: v for k, v in f["metrics"].items() if k not in TIMING_KEYS} for f in (final_killed, final_full)]
@@ -191,3 +192,41 @@ def test_calibrated_distillation_resumes_exactly(calibrated_pair, tmp_path, monk
     b = read_checkpoint(killed / "student.pt")["model"]
     changed = [k for k in a if not torch.equal(a[k], b[k])]
     assert not changed, f"{len(changed)} tensors differ, first {changed[0]}"
+
+
+def test_a_resume_from_a_checkpoint_that_did_not_time_its_part_says_its_time_is_partial(data, tmp_path, monkeypatch):
+    """Checkpoints written before they carried ``train_time_s`` cannot give the time of the part before the resume:
+    ``final.json`` says ``train_time_partial`` (the benchmark then costs the run by its step time), and so does
+    every later checkpoint of that run, so that a second resume does not forget it."""
+    from detkd.cli import main
+    from detkd.engine.checkpoint import save_atomic
+    from detkd.engine.trainer import Trainer
+
+    out = tmp_path / "old"
+    run_step = Trainer.run_step
+
+    def stop_at_2(trainer: Trainer) -> None:
+        if trainer.iter == 2:
+            raise KeyboardInterrupt
+        run_step(trainer)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "run_step", stop_at_2)
+        assert main(_args(data, out)) == 130
+    state = read_checkpoint(out / "last.pt")
+    assert state["train_time_partial"] is False and state["train_time_s"] > 0
+    del state["train_time_s"], state["train_time_partial"]  # as an older detkd wrote it
+    save_atomic(state, out / "last.pt")
+
+    def stop_at_4(trainer: Trainer) -> None:
+        if trainer.iter == 4:
+            raise KeyboardInterrupt
+        run_step(trainer)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "run_step", stop_at_4)
+        assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 130
+    assert read_checkpoint(out / "last.pt")["train_time_partial"] is True
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["resumed_from"] == 4 and final["train_time_partial"] is True

@@ -41,9 +41,11 @@ def _stamp(path: Path) -> list[int] | None:
 
 
 def run_seconds(final: dict[str, Any]) -> float | None:
-    """A finished run's training time: its ``train_time_s``, or for a run resumed part-way (whose ``train_time_s``
-    counts only the last part) its steady seconds per step times its steps."""
-    if final.get("resumed_from") and final.get("step_time_s"):
+    """A finished run's training time: its ``train_time_s`` (every part of a resumed run), or where that misses a
+    part (``train_time_partial``: resumed from a checkpoint that did not time it; a resumed run older than that
+    flag) its steady seconds per step times its steps."""
+    partial = final.get("train_time_partial", bool(final.get("resumed_from")))
+    if partial and final.get("step_time_s"):
         return round(float(final["step_time_s"]) * int(final.get("iters", 0)), 1)
     return final.get("train_time_s")
 

@@ -119,6 +119,7 @@ def training_state(trainer: Trainer, extra: dict[str, Any], rng: list[dict[str, 
         "best": dict(trainer.best),
         "nonfinite_total": trainer.nonfinite_total,
         "train_time_s": trainer.train_time(),
+        "train_time_partial": trainer.time_partial,
         **extra,
     }
     calibration = getattr(trainer.model, "calibration", None)

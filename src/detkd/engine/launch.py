@@ -395,6 +395,7 @@ class Restored:
     nonfinite_total: int = 0
     rng: list[dict[str, Any]] = field(default_factory=list)
     train_time_s: float = 0.0
+    train_time_partial: bool = False  # train_time_s misses a part trained before checkpoints carried it
 
     def apply(self, trainer: Trainer, run: Run) -> None:
         """Give the trainer the loop state and this rank its random streams (just before training)."""
@@ -402,6 +403,7 @@ class Restored:
         trainer.best = dict(self.best or trainer.best)
         trainer.nonfinite_total = self.nonfinite_total
         trainer.time_before = self.train_time_s
+        trainer.time_partial = self.train_time_partial
         rank, world = run.process.rank, run.process.world
         if len(self.rng) != world:
             log.warning(
@@ -439,6 +441,7 @@ def restore(run: Run, last: Path) -> Restored:
         best=ckpt.get("best"),
         nonfinite_total=int(ckpt.get("nonfinite_total", 0)),
         train_time_s=float(ckpt.get("train_time_s", 0.0)),  # older checkpoints: only the time after the resume counts
+        train_time_partial=bool(ckpt.get("train_time_partial", "train_time_s" not in ckpt)),
         rng=rng if isinstance(rng, list) else [rng],  # older checkpoints: rank 0's state alone
     )
     return restored
@@ -556,6 +559,7 @@ def summarize(run: Run, trainer: Trainer, hooks: Hooks, start_iter: int) -> dict
         "iters": trainer.iter,
         "resumed_from": start_iter or None,
         "train_time_s": round(trainer.train_time(), 2),  # every part of a resumed run
+        "train_time_partial": trainer.time_partial,  # ... except a part whose checkpoint did not time it
         "step_time_s": hooks.logger.steady_step_time(),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "nonfinite_steps": trainer.nonfinite_total,

@@ -104,6 +104,7 @@ class Trainer:
         self.state: dict[str, Any] = {}
         self.params = [p for p in model.trainable_module.parameters() if p.requires_grad]
         self.time_before = 0.0  # training seconds of the parts before a resume
+        self.time_partial = False  # a part before a resume was not timed (its checkpoint predates train_time_s)
         self.started: float | None = None
 
     def train_time(self) -> float:
