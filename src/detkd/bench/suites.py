@@ -78,6 +78,8 @@ class Pair:
         pretrained: every run of the pair (teacher, baseline, references, methods, same-wall-clock baselines)
             starts from the suite's pretrained backbone of its detector (``Suite.pretrain``).
         calibrate: method rows run with ``distill.calibrate=auto`` (None: the suite's setting).
+        study_teacher_iters: the teacher schedule the regime study doubles (None: ``teacher_iters``); where the study
+            chose its 2x teacher for the suite, ``teacher_iters`` is that 2x and this the 1x it was doubled from.
         one_seed: method or variant rows trained for seed 0 only: context rows that no goal judges, where the
             suite's budget has no room for every seed (the report says so; their gain is over the baseline's mean).
     """
@@ -99,6 +101,7 @@ class Pair:
     pretrained: bool = False
     calibrate: bool | None = None
     one_seed: list[str] = field(default_factory=list)
+    study_teacher_iters: int | None = None
 
 
 @dataclass
@@ -165,7 +168,9 @@ CPU_TEACHER_ITERS = 4000
 # does 1200 (0.3075 +- 0.0023; 0.389 at 2400). A weaker student was looked for and not found: at 600 steps a
 # shallower ResNet-10 (0.235) and MobileNetV3 (0.288) both beat R18 (0.213) on these digits; smaller backbones learn
 # faster here, so the gap must come from the teacher's plateau (its 8000-step run). 2400 steps is 9.6 epochs of the
-# 2000 images, about the papers' 12-epoch 1x schedule; the study's 4800-step run tests it (docs/benchmark-regime.md).
+# 2000 images, about the papers' 12-epoch 1x schedule. Its 4800-step run reached 0.416 (+0.029 over 0.387 +- 0.002
+# at 2400): not converged by the protocol's test, but twice the steps would double the suite's cost; the suite keeps
+# 2400 and says so, and its same-wall-clock baseline at factor 2 is that 4800-step run (docs/benchmark-regime.md).
 # The RetinaNet pair shares the schedules; at 128 px its students classify the digits poorly whatever the schedule
 # (see docs/benchmark-regime.md), and its verdicts are reported as measured.
 CPU_STUDENT_ITERS = 2400
