@@ -205,27 +205,24 @@ def test_a_resume_from_a_checkpoint_that_did_not_time_its_part_says_its_time_is_
     out = tmp_path / "old"
     run_step = Trainer.run_step
 
-    def stop_at_2(trainer: Trainer) -> None:
-        if trainer.iter == 2:
-            raise KeyboardInterrupt
-        run_step(trainer)
+    def run_until(step: int, args: list[str]) -> None:
+        """Run ``detkd`` with ``args`` and stop it after its checkpoint at ``step``."""
 
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "run_step", stop_at_2)
-        assert main(_args(data, out)) == 130
+        def stop(trainer: Trainer) -> None:
+            if trainer.iter == step:
+                raise KeyboardInterrupt
+            run_step(trainer)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Trainer, "run_step", stop)
+            assert main(args) == 130
+
+    run_until(2, _args(data, out))
     state = read_checkpoint(out / "last.pt")
     assert state["train_time_partial"] is False and state["train_time_s"] > 0
     del state["train_time_s"], state["train_time_partial"]  # as an older detkd wrote it
     save_atomic(state, out / "last.pt")
-
-    def stop_at_4(trainer: Trainer) -> None:
-        if trainer.iter == 4:
-            raise KeyboardInterrupt
-        run_step(trainer)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "run_step", stop_at_4)
-        assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 130
+    run_until(4, ["train", "--out", str(out), "--resume", "--no-progress"])
     assert read_checkpoint(out / "last.pt")["train_time_partial"] is True
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
     final = json.loads((out / "final.json").read_text())
