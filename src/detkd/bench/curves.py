@@ -6,7 +6,7 @@ schedule, each evaluated :data:`CURVE_POINTS` times along the way (``train.eval_
 training). The 1x runs are the suite's own teacher and baseline runs and the student's 2x run is its
 same-wall-clock baseline at factor 2 (run folders are keyed without ``train.eval_every``); both teacher runs are
 cached teachers keyed by their schedule, so that the 2x teacher is the suite's teacher if the study doubles the
-teacher's schedule (``Pair.study_teacher_iters`` then keeps the study at the schedule it doubled). The study's compute is not spent twice; run it before the suite, so that those folders hold
+teacher's schedule. The study's compute is not spent twice; run it before the suite, so that those folders hold
 their evaluations. It writes ``curves.json``,
 one PNG per pair and a Markdown section (``curves.md``) that states, per pair:
 
@@ -48,8 +48,7 @@ def curve_specs(bench: Bench) -> list[RunSpec]:
     for pair in bench.pairs:
         runs: list[tuple[str, str, int, int, list[str]]] = []
         if pair.teacher:
-            base = pair.study_teacher_iters or pair.teacher_iters
-            runs += [(f"teacher@{f}x", pair.teacher, base * f, 0, pair.overrides) for f in (1, 2)]
+            runs += [(f"teacher@{f}x", pair.teacher, pair.teacher_iters * f, 0, pair.overrides) for f in (1, 2)]
         student = pair.overrides + pair.student_overrides
         runs += [("student@1x", pair.student, pair.student_iters, seed, student) for seed in range(bench.seeds)]
         runs.append(("student@2x", pair.student, pair.student_iters * 2, 0, student))
