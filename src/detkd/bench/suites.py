@@ -164,12 +164,14 @@ CPU_TEACHER_ITERS = 4000
 # 600 steps left the Faster R-CNN R18 student unconverged (0.213 +- 0.002 over 3 seeds; 0.305 at 1200 steps), and so
 # does 1200 (0.3075 +- 0.0023; 0.389 at 2400). A weaker student was looked for and not found: at 600 steps a
 # shallower ResNet-10 (0.235) and MobileNetV3 (0.288) both beat R18 (0.213) on these digits; smaller backbones learn
-# faster here, so the gap must come from the teacher's plateau (its 8000-step run). 2400 steps is 9.6 epochs of the
+# faster here. Nor does a longer teacher widen the gap: its plateau (above) leaves teacher - student at 0.055, below the
+# protocol's 0.08; the suite runs the pair as it is and says so. 2400 steps is 9.6 epochs of the
 # 2000 images, about the papers' 12-epoch 1x schedule. Its 4800-step run reached 0.416 (+0.029 over 0.387 +- 0.002
 # at 2400): not converged by the protocol's test, but twice the steps would double the suite's cost; the suite keeps
 # 2400 and says so, and its same-wall-clock baseline at factor 2 is that 4800-step run (docs/benchmark-regime.md).
-# The RetinaNet pair shares the schedules; at 128 px its students classify the digits poorly whatever the schedule
-# (see docs/benchmark-regime.md), and its verdicts are reported as measured.
+# The RetinaNet pair shares the schedules. It starts slowly at 128 px (0.041 at 1200 steps) and then takes off: R18
+# 0.121 +- 0.008 at 2400, 0.190 at 4800, the R50 teacher 0.192 at 4000 (its 8000-step run is still to come); its
+# verdicts are reported as measured (docs/benchmark-regime.md).
 CPU_STUDENT_ITERS = 2400
 CPU_FINETUNE_ITERS = 300  # GKD's protocol: a shorter fine-tune of the converged baseline
 CPU_DETR_TEACHER_ITERS = 3000
@@ -212,7 +214,8 @@ def regime_pairs(
     """
     common = list(overrides or [])
     extra = list(baselines or [])
-    context = ["kd", "defeat", "fitnet", "fgfi", *extra] if context_one_seed else []
+    classic = ["kd", "defeat", "fitnet", "fgfi", *extra]
+    context = classic if context_one_seed else []
     return [
         Pair(
             "frcnn",
@@ -227,7 +230,7 @@ def regime_pairs(
                 "gkd-finetune": FineTune("gkd", finetune_iters),
                 "finetune-alone": FineTune("", finetune_iters),
             },
-            feature_methods=["kd", "defeat", "fitnet", "fgfi", *extra],
+            feature_methods=classic,
             pretrained=True,
             calibrate=True,
             one_seed=context,
