@@ -52,6 +52,17 @@ def test_pairs_filter_plans_only_those_pairs_and_names_bad_ones(tmp_path):
         Bench(SUITES["cpu"], tmp_path, pairs=["nope"])
 
 
+def test_a_bench_that_would_crowd_the_cores_says_so_and_how_to_fit(tmp_path):
+    # Two cores, one bench already training with one thread: a second bench's default threads (cores / jobs = 2)
+    # would give the machine three busy threads for two cores; one thread fits.
+    crowded = Bench(SUITES["cpu"], tmp_path, jobs=1, threads=2).crowding(load=1.0, cores=2)
+    assert crowded and "load is 1.0 on 2 cores" in crowded and "--threads 1" in crowded
+    assert Bench(SUITES["cpu"], tmp_path, jobs=1, threads=1).crowding(load=1.0, cores=2) is None
+    assert Bench(SUITES["cpu"], tmp_path, jobs=2, threads=1).crowding(load=0.1, cores=2) is None
+    assert "--jobs 1 --threads 1" in Bench(SUITES["cpu"], tmp_path, jobs=2, threads=1).crowding(load=1.0, cores=2)
+    assert "--threads 4" in Bench(SUITES["cpu"], tmp_path, jobs=2, threads=8).crowding(load=8.0, cores=16)
+
+
 def test_variants_are_method_rows_with_their_own_settings(tmp_path):
     bench = Bench(SUITES["cpu"], tmp_path, pairs=["retinanet"], seeds=1)
     specs = {s.row: s for s in bench.plan()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from detkd.bench.report import aggregate, print_summary, render_markdown, write_
 from detkd.bench.runner import Bench, BenchStopped
 from detkd.bench.suites import SUITES
 from detkd.errors import ConfigError
+
+log = logging.getLogger("detkd")
 
 
 def add_parser(sub: Any) -> None:
@@ -53,6 +56,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench = Bench(
         suite, Path(args.out), seeds=args.seeds, methods=methods, pairs=pairs, jobs=args.jobs, threads=args.threads
     )
+    if not (args.render or args.plan):
+        crowded = bench.crowding()
+        if crowded:
+            log.warning("%s", crowded)
     if args.curves:
         return _curves(bench, args)
     if args.render:

@@ -150,6 +150,30 @@ class Plan:
         self.threads = threads or max(1, (os.cpu_count() or 1) // self.jobs)
         self.results_path = self.root / "results.json"
 
+    def crowding(self, load: float | None = None, cores: int | None = None) -> str | None:
+        """A warning when this bench's runs would share the CPU cores with work that is already running, or None.
+
+        Every run gets ``threads`` threads whatever else the machine does, and runs whose threads outnumber the
+        cores are several times slower (two benches with ``--jobs 1`` and the default threads on 2 cores: 8 s a
+        step instead of 1.1 s). ``load`` is the 1-minute load average, ``cores`` the core count (default: this
+        machine's)."""
+        cores = cores or os.cpu_count() or 1
+        if load is None:
+            try:
+                load = os.getloadavg()[0]
+            except (AttributeError, OSError):  # no load average on this platform
+                return None
+        wanted = self.jobs * self.threads
+        if load + wanted <= cores + 0.5:
+            return None
+        free = max(1, int(cores - load + 0.5))
+        fit = f"--threads {free // self.jobs}" if free >= self.jobs else f"--jobs {free} --threads 1"
+        return (
+            f"the machine's load is {load:.1f} on {cores} cores before this bench starts, and it runs {self.jobs} "
+            f"run(s) at a time with {self.threads} thread(s) each: runs that share cores train several times slower. "
+            f"Choose --jobs and --threads so that all the machine's threads together fit its cores (here: {fit})"
+        )
+
     @property
     def data_dir(self) -> Path:
         return self.cache / "data" / f"digits-{_hash(asdict(self.suite.data))}"
