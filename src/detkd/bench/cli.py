@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from detkd.bench.curves import regime
 from detkd.bench.report import aggregate, print_summary, render_markdown, write_plots
 from detkd.bench.runner import Bench, BenchStopped
 from detkd.bench.suites import SUITES
@@ -67,6 +68,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"{bench.results_path} not found: run `detkd bench --suite {suite.name}` first")
         results = json.loads(bench.results_path.read_text())
         results["table"] = aggregate(results)  # from the records, with this version's aggregation
+        results["regime"] = regime(bench)  # the study's verdicts as its runs stand now
         plots = write_plots(results, Path(args.render).parent / "docs" / "bench" / suite.name)
         Path(args.render).write_text(render_markdown(results, plots, Path(args.render).parent))
         print(f"wrote {args.render}")
@@ -83,6 +85,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except BenchStopped as stop:
         print(f"detkd bench: {stop}; the stopped runs resume when the same command runs again", file=sys.stderr)
         return 128 + stop.signum
+    results["regime"] = regime(bench)
     plots = write_plots(results, bench.root / "plots")
     md = bench.root / "BENCHMARKS.md"
     md.write_text(render_markdown(results, plots, bench.root))

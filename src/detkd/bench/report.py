@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from detkd.bench.plan import needs_teacher
-from detkd.bench.suites import SUITES
+from detkd.bench.suites import CONVERGED_GAIN, MIN_GAP, SUITES
 
 
 def _stats(values: list[float]) -> dict[str, float | int | None]:
@@ -224,6 +224,8 @@ def goals(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                 evidence += f" `{e['time_matched_row']}`" if e["time_matched_row"] != "baseline" else ""
             if e.get("gap_closed") is not None and method.paper_gap_closed is not None:
                 evidence += f"; gap closed {e['gap_closed']:.0%} (paper: {paper_share(method.paper_gap_closed)})"
+            if not ok or (e.get("gain_time_matched") or 0) <= 0:
+                evidence += _missed_because(_regime_of(results, e["pair"]))
             out.append((f"`{name}` ({e['pair']}) beats its baseline by > 2 std of the baseline's seeds", ok, evidence))
     reach = [e for e in methods if e.get("reaches_teacher")]
     out.append(
@@ -277,6 +279,19 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
             + ", ".join(f"{r['model']} {r['iters']} steps, top-1 {_num(r.get('top1'), '.3f')}" for r in pretrained)
             + "."
         )
+    if results.get("regime"):
+        page = Path("docs/benchmark-regime.md")
+        where = (
+            f"[{page.as_posix()}]({os.path.relpath(page.resolve(), base.resolve())})"
+            if page.exists()
+            else f"`detkd bench --suite {results['suite']} --curves`"
+        )
+        lines.append(
+            f"- **Regime:** the schedules and pairs come from the learning-curve study ({where}); under each pair's "
+            "table, what it measured: the student alone at twice the schedule (converged when that adds less than "
+            f"2 std of its seeds or {CONVERGED_GAIN}), the teacher at twice its schedule (at its plateau when that "
+            f"adds less than {CONVERGED_GAIN}), and teacher − student (the protocol asks ≥ {MIN_GAP})."
+        )
     lines += [
         "- **Columns:** mAP = COCO mAP@[.5:.95] (mean ± std over seeds); gain = method − baseline (same schedule); "
         "gain (time) = method − baseline trained for the same wall-clock time (the baseline's iterations × the "
@@ -329,9 +344,11 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
             )
             + ("Every run starts from the suite's pretrained backbones. " if pair.get("pretrained") else "")
             + (
-                "Method rows run with `distill.calibrate=auto`. "
+                ""
+                if not pair["methods"]
+                else "Method rows run with `distill.calibrate=auto`. "
                 if (results.get("calibrate") if pair.get("calibrate") is None else pair["calibrate"])
-                else ""
+                else "Method rows run with their papers' loss weights (`distill.calibrate=off`). "
             )
             + (
                 f"Student step {t['student_step_s']:.3f} s, teacher forward "
@@ -356,6 +373,9 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
                 f"{_signed(e.get('gain'))} | {tm or '–'} | {_num(e.get('gap_closed'), '.0%')} | {ratio or '–'} | "
                 f"{_num(e.get('peak_memory_mb'), '.0f')} |"
             )
+        verdict = _regime_line(_regime_of(results, pair["name"]))
+        if verdict:
+            lines += ["", verdict]
         costs = t.get("cost", {})
         if costs:
             lines += [
@@ -425,6 +445,38 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
     for r in failed:
         lines.append(f"- failed: {r['pair']}/{r['row']} seed {r['seed']}: {r.get('error')}")
     return "\n".join(lines) + "\n"
+
+
+def _regime_of(results: dict[str, Any], pair: str) -> dict[str, Any] | None:
+    return next((e for e in results.get("regime") or [] if e["pair"] == pair), None)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "–" if value is None else "yes" if value else "**no**"
+
+
+def _regime_line(e: dict[str, Any] | None) -> str:
+    """One sentence under a pair's table: what the learning-curve study measured of the pair."""
+    if not e or all(e.get(k) is None for k in ("student_2x", "teacher_2x", "gap")):
+        return ""
+    return (
+        f"Regime study: the student alone at twice the schedule {_num(e.get('student_2x'), '.3f')} "
+        f"({_signed(e.get('student_2x_gain'))}; converged: {_yes_no(e.get('student_converged'))}); the teacher at "
+        f"twice its schedule {_num(e.get('teacher_2x'), '.3f')} (at its plateau: {_yes_no(e.get('teacher_plateau'))}); "
+        f"teacher − student {_num(e.get('gap'), '.3f')} (≥ {MIN_GAP}: {_yes_no(e.get('gap_ok'))})."
+    )
+
+
+def _missed_because(e: dict[str, Any] | None) -> str:
+    """What the regime study measured that bears on a missed goal of the pair (empty when nothing)."""
+    if not e:
+        return ""
+    parts = []
+    if e.get("gap_ok") is False:
+        parts.append(f"teacher − student is {e['gap']:.3f}, below the protocol's {MIN_GAP}")
+    if e.get("student_converged") is False:
+        parts.append(f"the student alone still gains {e['student_2x_gain']:+.3f} at twice the schedule")
+    return "; the pair's regime: " + ", and ".join(parts) if parts else ""
 
 
 def _g(value: float | None) -> float | None:

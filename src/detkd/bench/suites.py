@@ -140,8 +140,15 @@ BINARY = [
 PAPER_WEIGHTS = ["distill.calibrate=off"]
 AUTO_WEIGHTS = ["distill.calibrate=auto"]
 
-# The cpu suite's schedules are PROVISIONAL: chosen from the protocol in DESIGN.md ("Benchmark protocol") before the
-# regime study has run. `detkd bench --suite cpu --curves` measures the learning curves of its pretrained teachers
+# The protocol's tests of a schedule (DESIGN.md, "Benchmark protocol"), as the regime study applies them: a student
+# schedule is converged when twice the steps add less than 2 std of its seeds or less than CONVERGED_GAIN mAP, a
+# teacher is at its plateau when twice its steps add less than CONVERGED_GAIN, and a pair has a gap to close when
+# teacher - student >= MIN_GAP.
+CONVERGED_GAIN = 0.01
+MIN_GAP = 0.08
+
+# The cpu suite's schedules were first chosen from the protocol before the regime study ran, then fixed from it.
+# `detkd bench --suite cpu --curves` measures the learning curves of its pretrained teachers
 # and baseline students at 1x and 2x these schedules; docs/benchmark-regime.md records them and the numbers below
 # are fixed from it (a student schedule where 2x the steps adds less than the seeds' spread, teachers at their
 # plateau, teacher - student >= 0.08 mAP, else a weaker student). They were sized for about 10 h on 2 cores with 2
