@@ -140,10 +140,10 @@ BINARY = [
 PAPER_WEIGHTS = ["distill.calibrate=off"]
 AUTO_WEIGHTS = ["distill.calibrate=auto"]
 
-# The protocol's tests of a schedule (DESIGN.md, "Benchmark protocol"), as the regime study applies them: a student
-# schedule is converged when twice the steps add less than 2 std of its seeds or less than CONVERGED_GAIN mAP, a
-# teacher is at its plateau when twice its steps add less than CONVERGED_GAIN, and a pair has a gap to close when
-# teacher - student >= MIN_GAP.
+# The protocol's tests of a schedule (docs/benchmark-regime.md, "How it is measured"), as the regime study applies
+# them: a student schedule is converged when twice the steps add less than 2 std of its seeds or less than
+# CONVERGED_GAIN mAP, a teacher is at its plateau when twice its steps add less than CONVERGED_GAIN, and a pair has a
+# gap to close when teacher - student >= MIN_GAP.
 CONVERGED_GAIN = 0.01
 MIN_GAP = 0.08
 
