@@ -337,6 +337,15 @@ def test_the_report_states_the_regime_study_under_each_pair_and_beside_a_missed_
         "twice its schedule 0.610 (at its plateau: yes); teacher − student 0.055 (≥ 0.08: **no**)."
     ) in md
     assert "**Regime:**" in md
+    # A met goal, ahead of the same-wall-clock baseline or not timed against one, gets no shortfalls beside it.
+    for record in results["records"]:
+        if record["row"] == "gkd":
+            record["AP"] += 0.065
+    results["table"] = aggregate(results)
+    assert "regime" not in {g: text for g, _, text in goals(results)}[goal]
+    for e in results["table"]:
+        e["gain_time_matched"] = None
+    assert "regime" not in {g: text for g, _, text in goals(results)}[goal]
     results["regime"] = None  # a suite run without the study says nothing of it
     md = render_markdown(results, {}, tmp_path)
     assert "Regime study" not in md and "**Regime:**" not in md

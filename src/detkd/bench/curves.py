@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from detkd.bench.plan import RunSpec
+from detkd.bench.report import yes_no
 from detkd.bench.runner import Bench, done_marker, run_label
 from detkd.bench.suites import CONVERGED_GAIN, MIN_GAP
 
@@ -211,10 +212,6 @@ def _n(v: float | None, fmt: str = ".3f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def _yes(v: bool | None) -> str:
-    return "–" if v is None else "yes" if v else "**no**"
-
-
 def render_curves(results: dict[str, Any], plots: dict[str, Path], base: Path) -> str:
     """The generated Markdown section (plots linked relative to ``base``)."""
     lines = [
@@ -240,9 +237,9 @@ def render_curves(results: dict[str, Any], plots: dict[str, Path], base: Path) -
     for e in summary:
         lines.append(
             f"| {e['pair']} | {_n(e['student_1x'])} ± {_n(e['student_1x_std'])} (n = {e['n']}) | "
-            f"{_n(e['student_2x'])} | {_n(e.get('student_2x_gain'), '+.3f')} | {_yes(e.get('student_converged'))} | "
-            f"{_n(e['teacher_1x'])} | {_n(e['teacher_2x'])} | {_yes(e.get('teacher_plateau'))} | "
-            f"{_n(e.get('gap'))} | {_yes(e.get('gap_ok'))} |"
+            f"{_n(e['student_2x'])} | {_n(e.get('student_2x_gain'), '+.3f')} | {yes_no(e.get('student_converged'))} | "
+            f"{_n(e['teacher_1x'])} | {_n(e['teacher_2x'])} | {yes_no(e.get('teacher_plateau'))} | "
+            f"{_n(e.get('gap'))} | {yes_no(e.get('gap_ok'))} |"
         )
     lines += ["", "Cost (seconds per step / per run, as each run measured it):", ""]
     for e in summary:

@@ -224,7 +224,7 @@ def goals(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                 evidence += f" `{e['time_matched_row']}`" if e["time_matched_row"] != "baseline" else ""
             if e.get("gap_closed") is not None and method.paper_gap_closed is not None:
                 evidence += f"; gap closed {e['gap_closed']:.0%} (paper: {paper_share(method.paper_gap_closed)})"
-            if not ok or (e.get("gain_time_matched") or 0) <= 0:
+            if not ok or (e.get("gain_time_matched") is not None and e["gain_time_matched"] <= 0):
                 evidence += _missed_because(_regime_of(results, e["pair"]))
             out.append((f"`{name}` ({e['pair']}) beats its baseline by > 2 std of the baseline's seeds", ok, evidence))
     reach = [e for e in methods if e.get("reaches_teacher")]
@@ -451,7 +451,8 @@ def _regime_of(results: dict[str, Any], pair: str) -> dict[str, Any] | None:
     return next((e for e in results.get("regime") or [] if e["pair"] == pair), None)
 
 
-def _yes_no(value: bool | None) -> str:
+def yes_no(value: bool | None) -> str:
+    """A verdict as the reports print it: yes, **no** (bold), or – when it was not measured."""
     return "–" if value is None else "yes" if value else "**no**"
 
 
@@ -461,9 +462,9 @@ def _regime_line(e: dict[str, Any] | None) -> str:
         return ""
     return (
         f"Regime study: the student alone at twice the schedule {_num(e.get('student_2x'), '.3f')} "
-        f"({_signed(e.get('student_2x_gain'))}; converged: {_yes_no(e.get('student_converged'))}); the teacher at "
-        f"twice its schedule {_num(e.get('teacher_2x'), '.3f')} (at its plateau: {_yes_no(e.get('teacher_plateau'))}); "
-        f"teacher − student {_num(e.get('gap'), '.3f')} (≥ {MIN_GAP}: {_yes_no(e.get('gap_ok'))})."
+        f"({_signed(e.get('student_2x_gain'))}; converged: {yes_no(e.get('student_converged'))}); the teacher at "
+        f"twice its schedule {_num(e.get('teacher_2x'), '.3f')} (at its plateau: {yes_no(e.get('teacher_plateau'))}); "
+        f"teacher − student {_num(e.get('gap'), '.3f')} (≥ {MIN_GAP}: {yes_no(e.get('gap_ok'))})."
     )
 
 

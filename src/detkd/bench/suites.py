@@ -148,10 +148,9 @@ CONVERGED_GAIN = 0.01
 MIN_GAP = 0.08
 
 # The cpu suite's schedules were first chosen from the protocol before the regime study ran, then fixed from it.
-# `detkd bench --suite cpu --curves` measures the learning curves of its pretrained teachers
-# and baseline students at 1x and 2x these schedules; docs/benchmark-regime.md records them and the numbers below
-# are fixed from it (a student schedule where 2x the steps adds less than the seeds' spread, teachers at their
-# plateau, teacher - student >= 0.08 mAP, else a weaker student). They were sized for about 10 h on 2 cores with 2
+# `detkd bench --suite cpu --curves` measures the learning curves of its pretrained teachers and baseline students
+# at 1x and 2x these schedules; docs/benchmark-regime.md records them and the numbers below are fixed from it by the
+# tests above (else a longer schedule or a weaker student). They were sized for about 10 h on 2 cores with 2
 # jobs; at the measured step times (Faster R-CNN R18 1.2 s a step with one thread each, before detkd's RoIAlign
 # backward) and 2400-step students the whole suite is estimated at about 58 h of single-thread compute, about 29 h
 # with 2 jobs, run over several sessions (every run resumes); training the classic baselines (kd, defeat, fitnet,
