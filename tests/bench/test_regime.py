@@ -239,7 +239,11 @@ def test_summary_applies_the_protocol_and_render_keeps_the_hand_written_head(tmp
         _curve("b", "teacher@1x", 0, [0.3, 0.33]),
         _curve("b", "teacher@2x", 0, [0.3, 0.36]),
     ]
-    results = {"suite": "tiny", "seeds": 2, "pairs": [{"name": "a"}, {"name": "b"}], "records": records}
+    pairs = [
+        {"name": "a", "teacher": "frcnn_r50", "student": "frcnn_r18", "teacher_iters": 20, "student_iters": 10},
+        {"name": "b"},  # a curves.json written before the pairs carried their models and schedules
+    ]
+    results = {"suite": "tiny", "seeds": 2, "pairs": pairs, "records": records}
     a, b = summarise(results)
     assert a["student_1x"] == pytest.approx(0.41) and a["student_converged"] is True and a["teacher_plateau"] is True
     assert a["gap"] == pytest.approx(0.605 - 0.41) and a["gap_ok"] is True
@@ -255,7 +259,9 @@ def test_summary_applies_the_protocol_and_render_keeps_the_hand_written_head(tmp
     render_into(doc, folder / "curves.json")
     text = doc.read_text()
     assert text.startswith("# Regime\n\nHow it is measured.\n") and "Not run yet" not in text
-    assert text.count(MARKER) == 1 and "| a | 0.410 ± 0.014 (n = 2) | 0.430 | +0.020 | yes |" in text
+    assert text.count(MARKER) == 1
+    assert "| a | frcnn_r50 → frcnn_r18 | 20 / 10 | 0.410 ± 0.014 (n = 2) | 0.430 | +0.020 | yes |" in text
+    assert "| b | none → – | – / – | 0.300 ± – (n = 1) | 0.350 | +0.050 | **no** |" in text
     assert "](bench/tiny/regime/a_curves.png)" in text and (doc.parent / "bench/tiny/regime/a_curves.png").exists()
     assert str(tmp_path) not in text
 
@@ -440,6 +446,9 @@ def test_a_study_part_way_renders_what_finished_and_names_the_rest(tmp_path):
     assert entry["teacher_1x"] == 0.5 and entry["student_1x"] == 0.2 and entry.get("student_converged") is None
     text = (bench.root / "curves" / "curves.md").read_text()
     assert "Part-way" in text and "frcnn/teacher@2x seed 0" in text
+    # The table names each pair's models and schedules from the suite, the teacher-free pair with no teacher.
+    assert "| frcnn | frcnn_r18 → frcnn_r18 | 4 / 4 | 0.200 ± – (n = 1) |" in text
+    assert "| free | none → frcnn_r18 | – / 4 |" in text
 
 
 def test_the_plan_is_costed_by_the_step_times_of_finished_runs(tmp_path):

@@ -126,7 +126,14 @@ def collect_curves(bench: Bench, records: list[dict[str, Any]] | None = None) ->
         "suite": bench.suite.name,
         "seeds": bench.seeds,
         "pairs": [
-            {"name": p.name, "teacher": p.teacher, "student": p.student, "pretrained": p.pretrained}
+            {
+                "name": p.name,
+                "teacher": p.teacher,
+                "student": p.student,
+                "teacher_iters": p.teacher_iters if p.teacher else None,
+                "student_iters": p.student_iters,
+                "pretrained": p.pretrained,
+            }
             for p in bench.pairs
         ],
         "records": records,
@@ -230,13 +237,18 @@ def render_curves(results: dict[str, Any], plots: dict[str, Path], base: Path) -
         ]
         lines.append("")
     lines += [
-        "| pair | student 1x | student 2x | 2x − 1x | converged | teacher 1x | teacher 2x | plateau | gap | ≥ 0.08 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| pair | teacher → student | steps (teacher / student at 1x) | student 1x | student 2x | 2x − 1x | converged "
+        "| teacher 1x | teacher 2x | plateau | gap | ≥ 0.08 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = summarise(results)
+    pairs = {p["name"]: p for p in results["pairs"]}
     for e in summary:
+        p = pairs[e["pair"]]
+        models = f"{p.get('teacher') or 'none'} → {p.get('student', '–')}"
+        steps = f"{p.get('teacher_iters') or '–'} / {p.get('student_iters') or '–'}"
         lines.append(
-            f"| {e['pair']} | {_n(e['student_1x'])} ± {_n(e['student_1x_std'])} (n = {e['n']}) | "
+            f"| {e['pair']} | {models} | {steps} | {_n(e['student_1x'])} ± {_n(e['student_1x_std'])} (n = {e['n']}) | "
             f"{_n(e['student_2x'])} | {_n(e.get('student_2x_gain'), '+.3f')} | {yes_no(e.get('student_converged'))} | "
             f"{_n(e['teacher_1x'])} | {_n(e['teacher_2x'])} | {yes_no(e.get('teacher_plateau'))} | "
             f"{_n(e.get('gap'))} | {yes_no(e.get('gap_ok'))} |"
