@@ -502,3 +502,14 @@ def test_a_one_seed_row_trains_seed_0_only_and_the_report_says_so(tmp_path):
     assert "`fitnet` ran seed 0 only" in render_markdown(results, {}, tmp_path)
     results["pairs"][0]["one_seed"] = []
     assert "seed 0 only" not in render_markdown(results, {}, tmp_path)
+
+
+def test_a_same_wall_clock_baseline_only_seed_0_rows_need_trains_seed_0_only(tmp_path):
+    bench = Bench(tiny_suite(time_matched=True, one_seed=["fitnet"]), tmp_path)
+    bench.pairs[0].methods = ["kd", "fitnet"]
+    timing = {"frcnn": {"student_step_s": 1.0, "rows": {"kd": {"step_s": 1.9}, "fitnet": {"step_s": 1.4}}}}
+    runs = {(s.row, s.seed, s.iters) for s in bench.time_matched_specs(timing)}
+    # kd (every seed) needs factor 2, fitnet (seed 0 only) factor 1.5: 4 steps x 2 for both seeds, x 1.5 for seed 0.
+    assert runs == {("tm2", 0, 8), ("tm2", 1, 8), ("tm1.5", 0, 6)}
+    timing["frcnn"]["rows"]["fitnet"]["step_s"] = 1.8  # the same factor as kd: kd's seeds decide
+    assert {(s.row, s.seed) for s in bench.time_matched_specs(timing)} == {("tm2", 0), ("tm2", 1)}

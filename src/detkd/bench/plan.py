@@ -430,17 +430,21 @@ class Plan:
         return needs_teacher(row)
 
     def time_matched_specs(self, timing: dict[str, Any]) -> list[RunSpec]:
-        """Baselines trained for as long (in wall-clock) as each method's runs, from the measured ratios."""
+        """Baselines trained for as long (in wall-clock) as each method's runs, from the measured ratios: every seed
+        of a factor that a row with every seed needs, seed 0 only of one that only seed-0 rows (``one_seed``) need."""
         specs = []
         eval_cap = self._eval_cap()
         for pair in self.pairs:
             if not pair.time_matched:
                 continue
-            grid = sorted({self.tm_factor(timing, pair.name, row) for row in self._method_rows(pair)} - {None})
-            for factor in grid:
-                if factor <= 1.0:
-                    continue
-                for seed in range(self.seeds):
+            needs: dict[float, list[str]] = {}
+            for row in self._method_rows(pair):
+                factor = self.tm_factor(timing, pair.name, row)
+                if factor is not None and factor > 1.0:
+                    needs.setdefault(factor, []).append(row)
+            for factor, rows in sorted(needs.items()):
+                seeds = 1 if all(row in pair.one_seed for row in rows) else self.seeds
+                for seed in range(seeds):
                     specs.append(
                         RunSpec(
                             pair.name,

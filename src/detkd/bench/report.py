@@ -338,7 +338,8 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
             )
             + (
                 f"{', '.join(f'`{r}`' for r in pair['one_seed'])} ran seed 0 only (context rows, no goal judges "
-                "them; their gain is over the baseline's mean). "
+                "them; their gain is over the baseline's mean, and a same-wall-clock baseline that only they need ran "
+                "seed 0 only too). "
                 if pair.get("one_seed") and results["seeds"] > 1
                 else ""
             )

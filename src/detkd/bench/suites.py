@@ -79,7 +79,8 @@ class Pair:
             starts from the suite's pretrained backbone of its detector (``Suite.pretrain``).
         calibrate: method rows run with ``distill.calibrate=auto`` (None: the suite's setting).
         one_seed: method or variant rows trained for seed 0 only: context rows that no goal judges, where the
-            suite's budget has no room for every seed (the report says so; their gain is over the baseline's mean).
+            suite's budget has no room for every seed (the report says so; their gain is over the baseline's mean). A
+            same-wall-clock baseline that only these rows need trains seed 0 only too.
     """
 
     name: str
@@ -154,7 +155,8 @@ MIN_GAP = 0.08
 # jobs; at the measured step times (Faster R-CNN R18 1.2 s a step with one thread each, before detkd's RoIAlign
 # backward) and 2400-step students the whole suite is estimated at about 58 h of single-thread compute, about 29 h
 # with 2 jobs, run over several sessions (every run resumes); training the classic baselines (kd, defeat, fitnet,
-# fgfi: context rows no goal judges) for seed 0 only saves about 8 h of single-thread compute of it.
+# fgfi: context rows no goal judges) for seed 0 only saves about 8 h of single-thread compute of it, and their
+# same-wall-clock baselines, where no seed method shares the factor, run seed 0 only as well.
 # Pretraining measured 0.75 s (r18) and 2.3 s (r50) a step with one thread. At 600 steps r18 reached 0.926 top-1 on
 # the val crops but r50 only 0.738, and a Faster R-CNN R50 from it (frozen BatchNorm and stem, as for ImageNet
 # weights) was at 0.051 mAP after 750 steps where the R18 student had 0.21: r50 gets 1800 steps.
