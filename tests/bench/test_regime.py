@@ -513,3 +513,18 @@ def test_a_same_wall_clock_baseline_only_seed_0_rows_need_trains_seed_0_only(tmp
     assert runs == {("tm2", 0, 8), ("tm2", 1, 8), ("tm1.5", 0, 6)}
     timing["frcnn"]["rows"]["fitnet"]["step_s"] = 1.8  # the same factor as kd: kd's seeds decide
     assert {(s.row, s.seed) for s in bench.time_matched_specs(timing)} == {("tm2", 0), ("tm2", 1)}
+
+
+def test_a_pair_may_take_the_studys_2x_teacher_and_keep_the_studys_schedule(tmp_path):
+    from detkd.bench.curves import run_curves
+
+    suite = tiny_suite()
+    suite.pairs[0] = Pair("frcnn", "frcnn_r18", "frcnn_r18", ["kd"], 8, 4, overrides=TINY, study_teacher_iters=4)
+    bench = Bench(suite, tmp_path)
+    teachers = {s.row: s for s in curve_specs(bench) if s.pair == "frcnn" and s.row.startswith("teacher@")}
+    assert {row: s.iters for row, s in teachers.items()} == {"teacher@1x": 4, "teacher@2x": 8}
+    assert bench.run_dir(teachers["teacher@2x"]) == bench.teacher_dir(bench.pairs[0])  # not trained again
+    run_curves(bench, train=False)
+    assert "| frcnn | frcnn_r18 → frcnn_r18 | 8 (teacher 2x) / 4 |" in (bench.root / "curves" / "curves.md").read_text()
+    with pytest.raises(ConfigError, match="twice study_teacher_iters"):
+        Pair("frcnn", "frcnn_r18", "frcnn_r18", ["kd"], 6, 4, study_teacher_iters=4)

@@ -48,7 +48,8 @@ def curve_specs(bench: Bench) -> list[RunSpec]:
     for pair in bench.pairs:
         runs: list[tuple[str, str, int, int, list[str]]] = []
         if pair.teacher:
-            runs += [(f"teacher@{f}x", pair.teacher, pair.teacher_iters * f, 0, pair.overrides) for f in (1, 2)]
+            iters = pair.study_teacher_iters or pair.teacher_iters
+            runs += [(f"teacher@{f}x", pair.teacher, iters * f, 0, pair.overrides) for f in (1, 2)]
         student = pair.overrides + pair.student_overrides
         runs += [("student@1x", pair.student, pair.student_iters, seed, student) for seed in range(bench.seeds)]
         runs.append(("student@2x", pair.student, pair.student_iters * 2, 0, student))
@@ -131,6 +132,7 @@ def collect_curves(bench: Bench, records: list[dict[str, Any]] | None = None) ->
                 "teacher": p.teacher,
                 "student": p.student,
                 "teacher_iters": p.teacher_iters if p.teacher else None,
+                "study_teacher_iters": p.study_teacher_iters if p.teacher else None,
                 "student_iters": p.student_iters,
                 "pretrained": p.pretrained,
             }
@@ -237,8 +239,8 @@ def render_curves(results: dict[str, Any], plots: dict[str, Path], base: Path) -
         ]
         lines.append("")
     lines += [
-        "| pair | teacher → student | steps (teacher / student at 1x) | student 1x | student 2x | 2x − 1x | converged "
-        "| teacher 1x | teacher 2x | plateau | gap | ≥ 0.08 |",
+        "| pair | teacher → student | the suite's steps (teacher / student) | student 1x | student 2x | 2x − 1x "
+        "| converged | teacher 1x | teacher 2x | plateau | gap | ≥ 0.08 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = summarise(results)
@@ -246,7 +248,8 @@ def render_curves(results: dict[str, Any], plots: dict[str, Path], base: Path) -
     for e in summary:
         p = pairs[e["pair"]]
         models = f"{p.get('teacher') or 'none'} → {p.get('student', '–')}"
-        steps = f"{p.get('teacher_iters') or '–'} / {p.get('student_iters') or '–'}"
+        teacher = f"{p.get('teacher_iters') or '–'}" + (" (teacher 2x)" if p.get("study_teacher_iters") else "")
+        steps = f"{teacher} / {p.get('student_iters') or '–'}"
         lines.append(
             f"| {e['pair']} | {models} | {steps} | {_n(e['student_1x'])} ± {_n(e['student_1x_std'])} (n = {e['n']}) | "
             f"{_n(e['student_2x'])} | {_n(e.get('student_2x_gain'), '+.3f')} | {yes_no(e.get('student_converged'))} | "

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from detkd.errors import ConfigError
+
 
 @dataclass
 class DataSpec:
@@ -78,6 +80,10 @@ class Pair:
         pretrained: every run of the pair (teacher, baseline, references, methods, same-wall-clock baselines)
             starts from the suite's pretrained backbone of its detector (``Suite.pretrain``).
         calibrate: method rows run with ``distill.calibrate=auto`` (None: the suite's setting).
+        study_teacher_iters: the teacher schedule the regime study measures at 1x and 2x (None: ``teacher_iters``).
+            A pair whose study found its teacher short of its plateau takes the study's 2x run as its teacher
+            (``teacher_iters`` twice this, a cached teacher: not trained again) and keeps the study's schedule: the
+            next doubling would cost more than the suite has.
         one_seed: method or variant rows trained for seed 0 only: context rows that no goal judges, where the
             suite's budget has no room for every seed (the report says so; their gain is over the baseline's mean). A
             same-wall-clock baseline that only these rows need trains seed 0 only too.
@@ -100,6 +106,14 @@ class Pair:
     pretrained: bool = False
     calibrate: bool | None = None
     one_seed: list[str] = field(default_factory=list)
+    study_teacher_iters: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.study_teacher_iters and self.teacher_iters != 2 * self.study_teacher_iters:
+            raise ConfigError(
+                f"pair {self.name}: teacher_iters ({self.teacher_iters}) must be twice study_teacher_iters "
+                f"({self.study_teacher_iters}), the study's 2x teacher"
+            )
 
 
 @dataclass
