@@ -528,3 +528,13 @@ def test_a_pair_may_take_the_studys_2x_teacher_and_keep_the_studys_schedule(tmp_
     assert "| frcnn | frcnn_r18 → frcnn_r18 | 8 (teacher 2x) / 4 |" in (bench.root / "curves" / "curves.md").read_text()
     with pytest.raises(ConfigError, match="twice study_teacher_iters"):
         Pair("frcnn", "frcnn_r18", "frcnn_r18", ["kd"], 6, 4, study_teacher_iters=4)
+
+
+def test_regime_pairs_can_take_the_studys_2x_teachers():
+    plain = {p.name: p for p in suites_module.regime_pairs(4000, 2400, 300, 3000, 1000)}
+    doubled = {p.name: p for p in suites_module.regime_pairs(4000, 2400, 300, 3000, 1000, teacher_2x=("retinanet",))}
+    assert (doubled["retinanet"].teacher_iters, doubled["retinanet"].study_teacher_iters) == (8000, 4000)
+    assert (plain["retinanet"].teacher_iters, plain["retinanet"].study_teacher_iters) == (4000, None)
+    assert doubled["frcnn"].teacher_iters == 4000 and doubled["frcnn"].study_teacher_iters is None
+    with pytest.raises(ConfigError, match="names no pair: retina"):
+        suites_module.regime_pairs(4000, 2400, 300, 3000, 1000, teacher_2x=("retina",))

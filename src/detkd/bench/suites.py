@@ -222,6 +222,7 @@ def regime_pairs(
     baselines: list[str] | None = None,
     lgd_r50: bool = True,
     context_one_seed: bool = False,
+    teacher_2x: tuple[str, ...] = (),
 ) -> list[Pair]:
     """The pairs of the paper-regime suites (cpu, gpu): every run from the suite's pretrained backbones.
 
@@ -232,13 +233,14 @@ def regime_pairs(
     ``overrides`` go to every run, ``baselines`` are extra feature-method rows on the Faster R-CNN and RetinaNet pairs;
     ``lgd_r50=False`` leaves out the teacher-free RetinaNet R50 pair (the RetinaNet pair's ``lgd`` row is teacher-free
     LGD on its R18 student); ``context_one_seed=True`` trains the classic feature and logit baselines (kd, defeat,
-    fitnet, fgfi and ``baselines``), which no goal judges, for seed 0 only.
+    fitnet, fgfi and ``baselines``), which no goal judges, for seed 0 only; the pairs named in ``teacher_2x`` take
+    the regime study's 2x teacher as theirs (``Pair.study_teacher_iters``).
     """
     common = list(overrides or [])
     extra = list(baselines or [])
     classic = ["kd", "defeat", "fitnet", "fgfi", *extra]
     context = classic if context_one_seed else []
-    return [
+    pairs = [
         Pair(
             "frcnn",
             "frcnn_r50",
@@ -298,6 +300,13 @@ def regime_pairs(
             pretrained=True,
         ),
     ]
+    unknown = set(teacher_2x) - {p.name for p in pairs}
+    if unknown:
+        raise ConfigError(f"teacher_2x names no pair: {', '.join(sorted(unknown))}")
+    for pair in pairs:
+        if pair.name in teacher_2x:
+            pair.study_teacher_iters, pair.teacher_iters = pair.teacher_iters, 2 * pair.teacher_iters
+    return pairs
 
 
 SUITES: dict[str, Suite] = {
