@@ -337,6 +337,13 @@ def test_the_report_states_the_regime_study_under_each_pair_and_beside_a_missed_
         "twice its schedule 0.610 (at its plateau: yes); teacher − student 0.055 (≥ 0.08: **no**)."
     ) in md
     assert "**Regime:**" in md
+    # A pair whose teacher is the study's 2x run says so, with the 1x run it was measured against.
+    results["regime"][0].update(teacher_1x=0.55, teacher_plateau=False, teacher_is_2x=True)
+    assert (
+        "the teacher above is the study's 2x run, 0.610 against 0.550 at half its steps (at its plateau at half: "
+        "**no**; its own 2x not run); teacher − student 0.055"
+    ) in render_markdown(results, {}, tmp_path)
+    results["regime"][0].update(teacher_plateau=True, teacher_is_2x=False)
     # A met goal, ahead of the same-wall-clock baseline or not timed against one, gets no shortfalls beside it.
     for record in results["records"]:
         if record["row"] == "gkd":

@@ -260,6 +260,7 @@ def test_summary_applies_the_protocol_and_render_keeps_the_hand_written_head(tmp
     text = doc.read_text()
     assert text.startswith("# Regime\n\nHow it is measured.\n") and "Not run yet" not in text
     assert text.count(MARKER) == 1
+    assert a["teacher_is_2x"] is False and b["teacher_is_2x"] is False
     assert "| a | frcnn_r50 → frcnn_r18 | 20 / 10 | 0.410 ± 0.014 (n = 2) | 0.430 | +0.020 | yes |" in text
     assert "| b | none → – | – / – | 0.300 ± – (n = 1) | 0.350 | +0.050 | **no** |" in text
     assert "](bench/tiny/regime/a_curves.png)" in text and (doc.parent / "bench/tiny/regime/a_curves.png").exists()
@@ -526,6 +527,8 @@ def test_a_pair_may_take_the_studys_2x_teacher_and_keep_the_studys_schedule(tmp_
     assert bench.run_dir(teachers["teacher@2x"]) == bench.teacher_dir(bench.pairs[0])  # not trained again
     run_curves(bench, train=False)
     assert "| frcnn | frcnn_r18 → frcnn_r18 | 8 (teacher 2x) / 4 |" in (bench.root / "curves" / "curves.md").read_text()
+    results = run_curves(bench, train=False)
+    assert {e["pair"]: e["teacher_is_2x"] for e in summarise(results)} == {"frcnn": True, "free": False}
     with pytest.raises(ConfigError, match="twice study_teacher_iters"):
         Pair("frcnn", "frcnn_r18", "frcnn_r18", ["kd"], 6, 4, study_teacher_iters=4)
 

@@ -205,6 +205,8 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
             entry["student_converged"] = entry["student_2x_gain"] < bound
         entry["teacher_1x"] = t1[0] if t1 else None
         entry["teacher_2x"] = t2[0] if t2 else None
+        # The suite's teacher is the study's 2x run (Pair.study_teacher_iters), not its 1x run.
+        entry["teacher_is_2x"] = bool(pair.get("study_teacher_iters"))
         if t1 and t2:
             entry["teacher_plateau"] = t2[0] - t1[0] < CONVERGED_GAIN
         if t1 and mean1 is not None:

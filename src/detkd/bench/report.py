@@ -461,10 +461,16 @@ def _regime_line(e: dict[str, Any] | None) -> str:
     """One sentence under a pair's table: what the learning-curve study measured of the pair."""
     if not e or all(e.get(k) is None for k in ("student_2x", "teacher_2x", "gap")):
         return ""
+    plateau = yes_no(e.get("teacher_plateau"))
+    teacher = (
+        f"the teacher above is the study's 2x run, {_num(e.get('teacher_2x'), '.3f')} against "
+        f"{_num(e.get('teacher_1x'), '.3f')} at half its steps (at its plateau at half: {plateau}; its own 2x not run)"
+        if e.get("teacher_is_2x")
+        else f"the teacher at twice its schedule {_num(e.get('teacher_2x'), '.3f')} (at its plateau: {plateau})"
+    )
     return (
         f"Regime study: the student alone at twice the schedule {_num(e.get('student_2x'), '.3f')} "
-        f"({_signed(e.get('student_2x_gain'))}; converged: {yes_no(e.get('student_converged'))}); the teacher at "
-        f"twice its schedule {_num(e.get('teacher_2x'), '.3f')} (at its plateau: {yes_no(e.get('teacher_plateau'))}); "
+        f"({_signed(e.get('student_2x_gain'))}; converged: {yes_no(e.get('student_converged'))}); {teacher}; "
         f"teacher − student {_num(e.get('gap'), '.3f')} (≥ {MIN_GAP}: {yes_no(e.get('gap_ok'))})."
     )
 
