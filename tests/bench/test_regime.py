@@ -472,6 +472,12 @@ def test_the_plan_is_costed_by_the_step_times_of_finished_runs(tmp_path):
     assert bench.measured_seconds(next(s for s in specs if s.row == "kd")) is None  # no kd run finished yet
     line = plan_cost(bench, specs)
     assert "h of training for" in line and "not yet measurable" in line
+    # Left to train: every run but the finished baseline and pretraining; one more finished, one fewer left.
+    runs = len({bench.run_dir(s) for s in specs})
+    assert f"; left to train: {runs - 2} run(s), " in line
+    (bench.run_dir(other_seed)).mkdir(parents=True)
+    (bench.run_dir(other_seed) / "final.json").write_text(json.dumps({"train_time_s": 8.0, "step_time_s": 2.0}))
+    assert f"; left to train: {runs - 3} run(s), " in plan_cost(bench, specs)
 
 
 def test_a_resumed_run_costs_its_timed_parts_or_its_steps_at_its_step_time():

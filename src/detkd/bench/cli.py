@@ -11,7 +11,7 @@ from typing import Any
 
 from detkd.bench.curves import regime
 from detkd.bench.report import aggregate, print_summary, render_markdown, write_plots
-from detkd.bench.runner import Bench, BenchStopped
+from detkd.bench.runner import Bench, BenchStopped, done_marker
 from detkd.bench.suites import SUITES
 from detkd.errors import ConfigError
 
@@ -38,7 +38,7 @@ def add_parser(sub: Any) -> None:
         "--plan",
         action="store_true",
         help="print the runs the suite (or, with --curves, the study) would make and their cost by the step times "
-        "of the runs already finished in --out, and exit",
+        "of the runs already finished in --out, with what is left to train, and exit",
     )
     p.add_argument(
         "--curves",
@@ -95,18 +95,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def plan_cost(bench: Bench, specs: list) -> str:
-    """One line: the plan's training time by the step times of the finished runs in the output folder."""
+    """One line: the plan's training time by the step times of the finished runs in the output folder, and what of
+    it is left to train (a stopped run counted in full)."""
     unique = {bench.run_dir(s): s for s in specs}
-    costs = [bench.measured_seconds(s) for s in unique.values()]
-    known = [c for c in costs if c is not None]
+    costs = {out: bench.measured_seconds(s) for out, s in unique.items()}
+    known = [c for c in costs.values() if c is not None]
     if not known:
         return "cost: unknown (no finished run in the output folder measures these detectors yet)"
     total = sum(known)
+    todo = [out for out, s in unique.items() if not done_marker(s, out).exists()]
+    left = sum(costs[out] for out in todo if costs[out] is not None)
     line = (
         f"cost by the finished runs' step times: {total / 3600:.1f} h of training for {len(known)} of {len(costs)} "
         f"runs, ≈ {total / 3600 / bench.jobs:.1f} h at --jobs {bench.jobs}"
     )
-    return line + ("" if len(known) == len(costs) else f"; {len(costs) - len(known)} run(s) not yet measurable")
+    line += "" if len(known) == len(costs) else f"; {len(costs) - len(known)} run(s) not yet measurable"
+    return line + f"; left to train: {len(todo)} run(s), {left / 3600:.1f} h of them measurable"
 
 
 def _curves(bench: Bench, args: argparse.Namespace) -> int:
