@@ -193,7 +193,7 @@ CPU_TEACHER_ITERS = 4000
 # 2400 and says so, and its same-wall-clock baseline at factor 2 is that 4800-step run (docs/benchmark-regime.md).
 # The RetinaNet pair shares the schedules. It starts slowly at 128 px (0.041 at 1200 steps) and then takes off: R18
 # 0.121 +- 0.008 at 2400, 0.190 at 4800; the R50 teacher 0.192 at 4000 and 0.242 at 8000, not at its plateau, so
-# the pair's teacher is that 8000-step run (teacher_2x below: cached, not trained again), a gap of 0.121; its
+# the pair's teacher is that 8000-step run (teacher_2x below: cached, not trained again), a gap of 0.120; its
 # verdicts are reported as measured (docs/benchmark-regime.md).
 CPU_STUDENT_ITERS = 2400
 CPU_FINETUNE_ITERS = 300  # GKD's protocol: a shorter fine-tune of the converged baseline
