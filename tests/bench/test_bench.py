@@ -430,7 +430,8 @@ def test_timing_uses_the_dataset_settings_the_runs_use(tmp_path, monkeypatch):
     save_student(ckpt, tiny("frcnn_r18", 10), [str(i) for i in range(10)])
     sizes = []
     monkeypatch.setattr(bench_timing, "model_cost_or_none", lambda detector, size: sizes.append(size) or {})
-    monkeypatch.setattr(bench_timing, "_median_time", lambda fn, repeats, warmup=2: fn() or 0.01)  # latency: once
+    # latency: once
+    monkeypatch.setattr(bench_timing, "_median_time", lambda fn, repeats, warmup=2, device=None: fn() or 0.01)
     result = bench_timing.time_pair(data, ckpt, ckpt, ["fitnet"], ["data.batch_size=2"], steps=1)
     assert sizes == [64] and result["batch_size"] == 2
     assert set(result["rows"]) == {"fitnet"} and result["rows"]["fitnet"]["step_s"] > 0

@@ -16,6 +16,12 @@ from detkd.bench.plan import needs_teacher
 from detkd.bench.suites import CONVERGED_GAIN, MIN_GAP, SUITES
 
 
+def _timed_on(timing: dict[str, Any]) -> str:
+    """Where a timing ran: ``N threads`` on the CPU, the GPU's name otherwise (older results name no device)."""
+    device = timing.get("device", "cpu")
+    return f"{timing['threads']} threads" if device == "cpu" else f"on {device}"
+
+
 def _stats(values: list[float]) -> dict[str, float | int | None]:
     values = [v for v in values if v is not None]
     if not values:
@@ -353,7 +359,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
             )
             + (
                 f"Student step {t['student_step_s']:.3f} s, teacher forward "
-                f"{_num(t.get('teacher_forward_s'), '.3f')} s (batch {t['batch_size']}, {t['threads']} threads)."
+                f"{_num(t.get('teacher_forward_s'), '.3f')} s (batch {t['batch_size']}, {_timed_on(t)})."
                 if t
                 else ""
             ),
@@ -402,7 +408,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
             "## Detector speed",
             "",
             f"Freshly built slim detectors (random weights), batch {speed['batch_size']} of {speed['size']}-px images, "
-            f"{speed['threads']} threads; median of {speed['steps']} interleaved training steps (forward, backward, "
+            f"{_timed_on(speed)}; median of {speed['steps']} interleaved training steps (forward, backward, "
             "SGD step) and of 10 one-image predictions.",
             "",
             "| detector | params | train step s | predict ms (1 image) |",

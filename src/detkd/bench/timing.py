@@ -2,7 +2,8 @@
 
 The student's training step, the teacher's forward and each method's distillation step run round-robin on the
 same pre-loaded batches, so a slow minute on a shared machine slows all of them alike and their ratios stay
-meaningful. Medians over the timed rounds are reported.
+meaningful. Medians over the timed rounds are reported. Where CUDA is available the timing runs on the GPU with the
+runs' own mixed precision (``train.amp``), each step timed up to a device synchronisation.
 
 Timed steps are the trainer's own training step (:meth:`detkd.engine.trainer.Trainer.run_step`: forward, backward,
 the methods' per-step hooks, clipping, optimiser step) at learning rate 0: the weights stay those of the trained
@@ -13,6 +14,7 @@ than the student's own.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -27,22 +29,45 @@ import torch
 log = logging.getLogger("detkd")
 
 
-def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+def timing_device() -> torch.device:
+    """Where the timing runs: the GPU when there is one (the suite's runs train there too), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _timed(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn``, up to the end of the work it queued on ``device``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _median_time(fn, repeats: int, warmup: int = 2, device: torch.device | None = None) -> float:
+    device = device or torch.device("cpu")
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
 
 
-def frozen_trainer(model: Any, optim_cfg: Any, batches: list[Any], step: int = 500) -> Any:
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def frozen_trainer(
+    model: Any,
+    optim_cfg: Any,
+    batches: list[Any],
+    step: int = 500,
+    device: torch.device | None = None,
+    amp: str = "off",
+) -> Any:
     """A :class:`~detkd.engine.trainer.Trainer` of ``model`` (a DistillModel) cycling over ``batches``, at learning
     rate 0 (see the module docstring) and held at step ``step``; each ``run_step()`` is one whole training step,
     the trainer's own, with the methods' per-step hooks, and never stops on non-finite losses (they are counted
-    in ``nonfinite_total``)."""
+    in ``nonfinite_total``). ``device`` (default CPU) and ``amp`` are the trainer's."""
     from detkd.engine.hooks import MethodSteps
     from detkd.engine.launch import build_optimizer
     from detkd.engine.trainer import Trainer
@@ -56,8 +81,8 @@ def frozen_trainer(model: Any, optim_cfg: Any, batches: list[Any], step: int = 5
         itertools.cycle(batches),
         max_iters=step + 1,
         hooks=[MethodSteps()],
-        device=torch.device("cpu"),
-        amp="off",
+        device=device or torch.device("cpu"),
+        amp=amp,
         clip_grad_norm=optim_cfg.clip_grad_norm,
         clip_grad_value=optim_cfg.clip_grad_value,
         max_nonfinite=math.inf,
@@ -65,10 +90,17 @@ def frozen_trainer(model: Any, optim_cfg: Any, batches: list[Any], step: int = 5
     )
 
 
-def frozen_train_step(model: Any, optim_cfg: Any, batches: list[Any], step: int = 500) -> Any:
+def frozen_train_step(
+    model: Any,
+    optim_cfg: Any,
+    batches: list[Any],
+    step: int = 500,
+    device: torch.device | None = None,
+    amp: str = "off",
+) -> Any:
     """A function doing one training step of :func:`frozen_trainer`; it returns whether the step's loss (and
     gradient) were finite."""
-    trainer = frozen_trainer(model, optim_cfg, batches, step)
+    trainer = frozen_trainer(model, optim_cfg, batches, step, device, amp)
 
     def run() -> bool:
         skipped = trainer.nonfinite_total
@@ -118,6 +150,7 @@ def time_pair(
     from detkd.distillation import DistillModel, build_distillers
     from detkd.engine.checkpoint import load_detector
     from detkd.engine.launch import RunContext
+    from detkd.engine.trainer import amp_dtype
     from detkd.methods import METHODS
 
     # The runs' own layers: the dataset's settings (detkd.yaml: preset, image size), then the pair's overrides.
@@ -126,13 +159,14 @@ def time_pair(
     train_set = build_dataset(data, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
     loader = build_train_loader(train_set, cfg.data.batch_size, seed=1234)
     batches = [next(loader) for _ in range(3)]
-    student, _ = load_detector(student_ckpt)
-    teacher = load_detector(teacher_ckpt)[0] if teacher_ckpt else None
+    device = timing_device()
+    student = load_detector(student_ckpt)[0].to(device)
+    teacher = load_detector(teacher_ckpt)[0].to(device) if teacher_ckpt else None
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     context = RunContext(
         build_dataset(data, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, False)),
-        torch.device("cpu"),
+        device,
         cfg.data.batch_size,
         100,
         1000,
@@ -142,7 +176,7 @@ def time_pair(
     nonfinite: dict[str, int] = {}
 
     def trainer_step(key: str, model: DistillModel) -> Any:
-        step_fn = frozen_train_step(model, cfg.optim, batches)
+        step_fn = frozen_train_step(model, cfg.optim, batches, device=device, amp=cfg.train.amp)
         nonfinite[key] = 0
 
         def step() -> None:
@@ -151,13 +185,16 @@ def time_pair(
 
         return step
 
-    plain = DistillModel(copy.deepcopy(student), None, {}, total_iters=1000, iters_per_epoch=100)
+    plain = DistillModel(copy.deepcopy(student), None, {}, total_iters=1000, iters_per_epoch=100).to(device)
     fns: dict[str, Any] = {"student": trainer_step("student", plain)}
     if teacher is not None:
+        teacher_images = [im.to(device) for im in batches[0][0]]
+        dtype = amp_dtype(cfg.train.amp, device)
 
         def teacher_forward() -> None:
-            images, _ = batches[0]
-            with torch.no_grad():
+            images = teacher_images
+            autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+            with torch.no_grad(), autocast:
                 batch, _ = student.preprocess(images, None)
                 teacher(batch, None)
 
@@ -179,7 +216,7 @@ def time_pair(
             row_cfg.distill.weights,
             total_iters=1000,
             iters_per_epoch=100,
-        )
+        ).to(device)
         for d in distillers.values():
             d.on_epoch_start(0, context)
         fns[row] = trainer_step(row, model)
@@ -191,9 +228,7 @@ def time_pair(
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(steps):
         for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[key].append(time.perf_counter() - start)
+            samples[key].append(_timed(fn, device))
     med = {k: statistics.median(v) for k, v in samples.items()}
     base = med["student"] + med.get("teacher", 0.0)
     result: dict[str, Any] = {
@@ -212,6 +247,7 @@ def time_pair(
         "steps": steps,
         "batch_size": cfg.data.batch_size,
         "threads": torch.get_num_threads(),
+        "device": _device_name(device),
     }
     size = cfg.model.min_size
     image = [batches[0][0][0]]
@@ -221,8 +257,10 @@ def time_pair(
     for path in (references or {}).values():
         if Path(path).exists():
             ref, _ = load_detector(path)
-            models[ref.spec["name"]] = ref
-    result["latency_ms"] = {name: 1000 * _median_time(lambda m=m: m.predict(image), 10) for name, m in models.items()}
+            models[ref.spec["name"]] = ref.to(device)
+    result["latency_ms"] = {
+        name: 1000 * _median_time(lambda m=m: m.predict(image), 10, device=device) for name, m in models.items()
+    }
     result["cost"] = {name: model_cost_or_none(m, size) for name, m in models.items()}
     for key, count in nonfinite.items():
         if count:
@@ -246,6 +284,7 @@ def time_detectors(data: Path, names: list[str], overrides: list[str], steps: in
     train_set = build_dataset(data, cfg.data.train_split, cfg.data.format, build_transforms(cfg.data, True))
     loader = build_train_loader(train_set, cfg.data.batch_size, seed=1234)
     batches = [next(loader) for _ in range(3)]
+    device = timing_device()
     steps_fns, models = {}, {}
     for name in names:
         torch.manual_seed(0)
@@ -258,8 +297,8 @@ def time_detectors(data: Path, names: list[str], overrides: list[str], steps: in
             max_size=cfg.model.max_size,
             binary_neck=binary,
         )
-        model = DistillModel(det, None, {})
-        step = frozen_train_step(model, cfg.optim, batches)
+        model = DistillModel(det, None, {}).to(device)
+        step = frozen_train_step(model, cfg.optim, batches, device=device, amp=cfg.train.amp)
         label = name + (" (binary neck)" if binary else "")
         steps_fns[label], models[label] = step, det
     for fn in steps_fns.values():
@@ -268,19 +307,18 @@ def time_detectors(data: Path, names: list[str], overrides: list[str], steps: in
     samples: dict[str, list[float]] = {k: [] for k in steps_fns}
     for _ in range(steps):
         for key, fn in steps_fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[key].append(time.perf_counter() - start)
+            samples[key].append(_timed(fn, device))
     image = [batches[0][0][0]]
     return {
         "batch_size": cfg.data.batch_size,
         "size": cfg.model.min_size,
         "threads": torch.get_num_threads(),
+        "device": _device_name(device),
         "steps": steps,
         "detectors": {
             key: {
                 "step_s": statistics.median(samples[key]),
-                "latency_ms": 1000 * _median_time(lambda m=models[key]: m.predict(image), 10),
+                "latency_ms": 1000 * _median_time(lambda m=models[key]: m.predict(image), 10, device=device),
                 "params": sum(p.numel() for p in models[key].parameters()),
             }
             for key in steps_fns
