@@ -31,6 +31,8 @@ METHOD = {"frcnn": "tar", "retinanet": "fitnet", "fcos": "fitnet"}
 ITERS = 3
 FAST = ["--no-progress", "model.min_size=64", "model.max_size=64", "model.fpn_channels=32", "data.batch_size=2"]
 FAST += ["train.tensorboard=false", "distill.check_teacher=0", "train.log_every=1", "optim.warmup_iters=0"]
+# Random-pixel data has no detkd.yaml: without this the standard preset would fetch ImageNet weights (no network).
+FAST += ["model.backbone_weights=none"]
 
 
 def _write_split(root: Path, split: str, images: int, seed: int) -> None:
@@ -197,3 +199,20 @@ def test_one_process_nccl_ddp(data, tmp_path):
     assert final["iters"] == ITERS and final["machine"]["device"] == "cuda:0"
     assert "DDP wrapped the trainable module" in proc.stderr, proc.stderr[-3000:]
     _finite_losses(out)
+
+
+def test_bench_timing_on_cuda(data, teachers):
+    """The bench's timing phase runs on the GPU, as the suite's runs do, and says so: detectors, then a pair with a
+    method row (student step, teacher forward, distillation step, latency)."""
+    from detkd.bench.timing import time_detectors, time_pair
+
+    overrides = ["model.min_size=64", "model.max_size=64", "model.fpn_channels=32", "data.batch_size=2"]
+    overrides += ["model.backbone_weights=none"]
+    speed = time_detectors(data, ["frcnn_r18"], overrides, steps=2)
+    assert speed["device"] == torch.cuda.get_device_name(0)
+    assert speed["detectors"]["frcnn_r18"]["step_s"] > 0
+    student = teachers["frcnn"] / "student.pt"
+    pair = time_pair(data, student, student, ["tar"], overrides, steps=2)
+    assert pair["device"] == torch.cuda.get_device_name(0)
+    assert pair["teacher_forward_s"] > 0 and pair["rows"]["tar"]["step_s"] > 0
+    assert pair["rows"]["tar"]["nonfinite_steps"] == 0
