@@ -184,3 +184,34 @@ def test_a_checkpoint_of_other_settings_is_refused(digits, tmp_path, monkeypatch
     err = capsys.readouterr().err.strip()
     assert "holds an unfinished pretraining with other settings (iters 4 -> 5)" in err and "delete" in err, err
     assert not out.exists()
+
+
+def test_the_crop_loader_keeps_decoded_images_within_its_budget_and_gives_the_same_pixels(digits):
+    """Decoded once and kept (uint8) up to cache_bytes, decoded per crop beyond: the batches are identical either way,
+    and jitter draws the same shifts."""
+    import random
+
+    from detkd.data import build_dataset
+    from detkd.pretrain import CropLoader, object_crops
+
+    split = build_dataset(digits, "train", "auto", None)
+    crops = object_crops(split.records)
+    indices = list(range(len(crops)))
+    image_bytes = 3 * 64 * 64  # one 64-px RGB image as uint8
+    loaders = {
+        "none": CropLoader(split, crops, 32, jitter=True, cache_bytes=0),
+        "some": CropLoader(split, crops, 32, jitter=True, cache_bytes=3 * image_bytes),
+        "all": CropLoader(split, crops, 32, jitter=True),
+    }
+    batches = {}
+    for name, loader in loaders.items():
+        batches[name] = [loader.load(indices, random.Random(7)) for _ in range(2)]  # the second pass reads the cache
+    assert loaders["none"].cached_bytes == 0 and not loaders["none"]._decoded
+    assert len(loaders["some"]._decoded) == 3 and loaders["some"].cached_bytes == 3 * image_bytes
+    used = {crop.image for crop in crops}
+    assert set(loaders["all"]._decoded) == used and all(
+        p.dtype == torch.uint8 for p in loaders["all"]._decoded.values()
+    )
+    for name in ("some", "all"):
+        for (images, labels), (ref_images, ref_labels) in zip(batches[name], batches["none"], strict=True):
+            assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)

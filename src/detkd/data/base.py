@@ -134,6 +134,17 @@ def read_image_size(path: Path) -> tuple[int, int]:
 
 def load_image(path: Path) -> Tensor:
     """Decode an image file into a float32 ``[3, H, W]`` RGB tensor in [0, 1]."""
+    return image_to_float(decode_image(path))
+
+
+def image_to_float(pixels: Tensor) -> Tensor:
+    """:func:`decode_image`'s pixels as float32 in [0, 1] (a new tensor for 8-bit pixels, as they are otherwise)."""
+    return pixels.float().div_(255.0) if pixels.dtype == torch.uint8 else pixels
+
+
+def decode_image(path: Path) -> Tensor:
+    """Decode an image file into an RGB ``[3, H, W]`` tensor at its own depth: uint8 for 8-bit images (a quarter of
+    float32's memory, for callers that keep decoded images), float32 in [0, 1] for 16-bit gray."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, with its name, not later in a worker
@@ -145,7 +156,7 @@ def load_image(path: Path) -> Tensor:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image ({one_line(exc)})") from None
     array = np.array(rgb, dtype=np.uint8)  # [H, W, 3], writable copy for torch
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 class DetectionDataset(torch.utils.data.Dataset):
