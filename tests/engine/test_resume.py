@@ -26,7 +26,7 @@ from detkd.errors import CheckpointError
 
 ITERS = 6
 KILL_AFTER = 2  # kill once last.pt holds at least this step
-TIMING_KEYS = {"step_time", "elapsed_s", "eval_time_s"}
+TIMING_KEYS = {"step_time", "data_time", "elapsed_s", "eval_time_s"}
 
 
 def _args(data: Path, out: Path) -> list[str]:

@@ -229,3 +229,25 @@ def test_methods_see_each_step_between_backward_and_the_optimiser_step():
     assert torch.equal(method.seen[1][2], snapshots.weights[0]) and not torch.equal(
         method.seen[0][2], method.seen[1][2]
     )
+
+
+def test_the_log_splits_each_step_into_waiting_for_data_and_the_rest(tmp_path):
+    """``data_time`` is the part of ``step_time`` spent getting the batch: a loader that takes 30 ms shows in it."""
+    import json
+    import time
+
+    from detkd.engine.hooks import Logger
+
+    def slow_batches():
+        while True:
+            time.sleep(0.03)
+            yield [torch.zeros(1)], [{}]
+
+    model = Scripted({})
+    optimizer = torch.optim.SGD(model.trainable_module.parameters(), lr=0.1)
+    log = Logger(tmp_path, every=2, progress=False, tensorboard=False)
+    Trainer(model, optimizer, slow_batches(), 4, [log], CPU, amp="off").run()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [2, 4]
+    for row in rows:
+        assert 0.03 <= row["data_time"] <= row["step_time"]

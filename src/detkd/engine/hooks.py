@@ -373,6 +373,7 @@ class Logger(Hook):
         self.tensorboard = tensorboard and enabled
         self.window: dict[str, list[float]] = defaultdict(list)
         self.step_times: list[float] = []
+        self.data_times: list[float] = []
         self.writer = None
         self.progress = None
         self.task = None
@@ -412,6 +413,7 @@ class Logger(Hook):
             self.window["skipped"].append(1.0)
         else:
             self.step_times.append(trainer.step_time)
+            self.data_times.append(trainer.data_time)
             for key, value in trainer.record.items():
                 self.window[key].append(value)
             if not self.balance_checked and self.enabled:
@@ -424,6 +426,7 @@ class Logger(Hook):
             if "skipped" in self.window:
                 row["skipped"] = float(len(self.window["skipped"]))
             row["step_time"] = sum(self.step_times[-self.every :]) / max(1, len(self.step_times[-self.every :]))
+            row["data_time"] = sum(self.data_times[-self.every :]) / max(1, len(self.data_times[-self.every :]))
             rows = gather(row)  # a collective at the same steps on every rank
             self.window.clear()
             if not self.enabled:

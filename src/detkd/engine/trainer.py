@@ -52,8 +52,9 @@ class Trainer:
 
     :meth:`run` is the loop; :meth:`run_step` is one whole training step (the benchmark's step timing calls it
     alone). Public state hooks use: ``iter`` (steps completed), ``max_iters``, ``record`` (last step's losses and
-    stats), ``step_time``, ``nonfinite_total``, ``best`` (best eval score and its step), ``state`` (free dict),
-    :meth:`train_time` (seconds of training so far, the parts before a resume included).
+    stats), ``step_time`` (the whole step) and ``data_time`` (its part waiting for the batch), ``nonfinite_total``,
+    ``best`` (best eval score and its step), ``state`` (free dict), :meth:`train_time` (seconds of training so far,
+    the parts before a resume included).
 
     Args:
         model: the model (student, teacher, distillers).
@@ -98,6 +99,7 @@ class Trainer:
         self.start_iter = start_iter
         self.record: dict[str, Any] = {}
         self.step_time = 0.0
+        self.data_time = 0.0
         self.nonfinite = 0
         self.nonfinite_total = 0
         self.best: dict[str, Any] = {"score": None, "iter": None}
@@ -145,6 +147,7 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         images, targets = next(self.data)
+        self.data_time = time.perf_counter() - start
         images, targets = move_to(images, targets, self.device)
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
         with autocast:
