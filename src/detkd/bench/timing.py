@@ -90,17 +90,10 @@ def frozen_trainer(
     )
 
 
-def frozen_train_step(
-    model: Any,
-    optim_cfg: Any,
-    batches: list[Any],
-    step: int = 500,
-    device: torch.device | None = None,
-    amp: str = "off",
-) -> Any:
-    """A function doing one training step of :func:`frozen_trainer`; it returns whether the step's loss (and
-    gradient) were finite."""
-    trainer = frozen_trainer(model, optim_cfg, batches, step, device, amp)
+def frozen_train_step(model: Any, optim_cfg: Any, batches: list[Any], **options: Any) -> Any:
+    """A function doing one training step of :func:`frozen_trainer` (``options``: its ``step``, ``device``,
+    ``amp``); it returns whether the step's loss (and gradient) were finite."""
+    trainer = frozen_trainer(model, optim_cfg, batches, **options)
 
     def run() -> bool:
         skipped = trainer.nonfinite_total
