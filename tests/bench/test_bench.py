@@ -435,3 +435,26 @@ def test_timing_uses_the_dataset_settings_the_runs_use(tmp_path, monkeypatch):
     result = bench_timing.time_pair(data, ckpt, ckpt, ["fitnet"], ["data.batch_size=2"], steps=1)
     assert sizes == [64] and result["batch_size"] == 2
     assert set(result["rows"]) == {"fitnet"} and result["rows"]["fitnet"]["step_s"] > 0
+
+
+def test_the_published_report_has_the_gpu_suites_table_or_says_it_has_not_run(tmp_path):
+    """`--render` of the cpu suite appends the gpu suite: its report one heading level down when a complete run is in
+    the output root, else a paragraph saying it has none (and whether an unfinished one is there)."""
+    from detkd.bench.report import gpu_section
+
+    base = tmp_path / "repo"
+    base.mkdir()
+    none = gpu_section(tmp_path, base)
+    assert "## Suite `gpu`" in none and "has no complete run;" in none and "docs/benchmark-regime.md" in none
+
+    (tmp_path / "gpu").mkdir()
+    unfinished = {**fake_results(), "suite": "gpu", "complete": False}
+    (tmp_path / "gpu" / "results.json").write_text(json.dumps(unfinished))
+    assert "has no complete run in `gpu/` (its results.json is of an unfinished run)" in gpu_section(tmp_path, base)
+
+    finished = {**fake_results(), "suite": "gpu", "complete": True, "machine": {**unfinished["machine"], "gpu": "H"}}
+    (tmp_path / "gpu" / "results.json").write_text(json.dumps(finished))
+    text = gpu_section(tmp_path, base)
+    assert text.startswith("## detkd benchmark — suite `gpu`") and "\n### Goals" in text and "GPU H" in text
+    assert "| kd | 300 | 0.480 ± 0.010" in text
+    assert not any(line.startswith("# ") for line in text.splitlines())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from detkd.bench.curves import regime
-from detkd.bench.report import aggregate, print_summary, render_markdown, write_plots
+from detkd.bench.report import aggregate, gpu_section, print_summary, render_markdown, write_plots
 from detkd.bench.runner import Bench, BenchStopped, done_marker
 from detkd.bench.suites import SUITES
 from detkd.errors import ConfigError
@@ -69,8 +69,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = json.loads(bench.results_path.read_text())
         results["table"] = aggregate(results)  # from the records, with this version's aggregation
         results["regime"] = regime(bench)  # the study's verdicts as its runs stand now
-        plots = write_plots(results, Path(args.render).parent / "docs" / "bench" / suite.name)
-        Path(args.render).write_text(render_markdown(results, plots, Path(args.render).parent))
+        base = Path(args.render).parent
+        plots = write_plots(results, base / "docs" / "bench" / suite.name)
+        text = render_markdown(results, plots, base)
+        if suite.name == "cpu":  # the published file: the gpu suite's table, or that it has not run
+            text += gpu_section(Path(args.out), base)
+        Path(args.render).write_text(text)
         print(f"wrote {args.render}")
         return 0
     if args.plan:

@@ -454,6 +454,27 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[Path]], base:
     return "\n".join(lines) + "\n"
 
 
+def gpu_section(root: Path, base: Path) -> str:
+    """The part of another suite's BENCHMARKS.md about the ``gpu`` suite: its whole report, one heading level down,
+    where ``root/gpu/results.json`` holds a complete run (plots under ``base/docs/bench/gpu``); otherwise a paragraph
+    saying it has not run to completion, and where its state is described."""
+    path = root / "gpu" / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if results.get("complete"):
+        results["table"] = aggregate(results)
+        plots = write_plots(results, base / "docs" / "bench" / "gpu")
+        text = render_markdown(results, plots, base)
+        return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines()) + "\n"
+    page = "docs/benchmark-regime.md"
+    return (
+        "\n## Suite `gpu`\n\n"
+        "The same regime at 256 px for one GPU (`scripts/gpu_bench.sh`) has no complete run"
+        + (f" in `{path.parent.name}/` (its results.json is of an unfinished run)" if path.exists() else "")
+        + f"; what its runs on a GPU measured, and why it does not yet fit its 10 minutes, is in {page} "
+        '("The `gpu` suite").\n'
+    )
+
+
 def _regime_of(results: dict[str, Any], pair: str) -> dict[str, Any] | None:
     return next((e for e in results.get("regime") or [] if e["pair"] == pair), None)
 
