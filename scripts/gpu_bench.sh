@@ -8,8 +8,8 @@
 # `pip --no-index` (scripts/gpu_wheels.sh makes that folder where there is network). detkd runs from src/.
 # Runs `detkd bench --suite gpu` with $GPU_BENCH_JOBS runs at a time (default 8) into $GPU_BENCH_OUT (default
 # gpu_bench/), stopped after $GPU_BENCH_LIMIT seconds (default 540); a stopped suite resumes from its finished and
-# checkpointed runs when the script runs again. BENCH_ARGS go to `detkd bench` as they are. The report is gpu_bench/gpu/BENCHMARKS.md; the exit status is the
-# bench's (124 when the time limit stopped it).
+# checkpointed runs when the script runs again. BENCH_ARGS go to `detkd bench` as they are. The report is
+# gpu_bench/gpu/BENCHMARKS.md; the exit status is the bench's (124 when the time limit stopped it).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}

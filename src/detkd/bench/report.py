@@ -470,7 +470,7 @@ def gpu_section(root: Path, base: Path) -> str:
         "\n## Suite `gpu`\n\n"
         "The same regime at 256 px for one GPU (`scripts/gpu_bench.sh`) has no complete run"
         + (f" in `{path.parent.name}/` (its results.json is of an unfinished run)" if path.exists() else "")
-        + f"; what its runs on a GPU measured, and why it does not yet fit its 10 minutes, is in {page} "
+        + f"; what its runs on a GPU have measured so far is in {page} "
         '("The `gpu` suite").\n'
     )
 
