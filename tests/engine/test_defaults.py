@@ -157,3 +157,40 @@ def test_default_imagenet_backbone_offline_says_which_option_to_pass(digits, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.backbone_weights=PATH" in err[0] and "model.backbone_weights=none" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_thread_warning_says_how_many_threads_fit():
+    from detkd.engine.cores import thread_warning
+
+    warning = thread_warning(2, load=1.0, cores=2)
+    assert "load is 1.0 on 2 cores" in warning and "trains with 2 CPU thread(s)" in warning
+    assert "--threads 1" in warning
+    assert thread_warning(1, load=1.0, cores=2) is None  # one thread on the free core
+    assert thread_warning(2, load=0.2, cores=2) is None  # a briefly busy machine: half a core of slack
+    assert "--threads 4" in thread_warning(8, load=12.0, cores=16)
+    assert "--threads 1" in thread_warning(4, load=3.9, cores=2)  # never fewer than one
+
+
+def test_train_on_busy_cores_warns_unless_the_bench_checked_them(digits, tmp_path, monkeypatch, capsys):
+    """`detkd train --threads 2` on a 2-core machine already at load 1.9 warns; a run the bench started does not."""
+    import os
+
+    from detkd.engine.cores import CORES_CHECKED
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.9, 1.9))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv(CORES_CHECKED, raising=False)
+    fast = ["--no-progress", "--device", "cpu", "--threads", "2", "model.backbone_weights=none", "data.batch_size=2"]
+    fast += ["model.fpn_channels=16", "data.val_max_images=1", "train.tensorboard=false"]
+    argv = ["train", "--data", str(digits[0]), "--iters", "1", *fast]
+    try:
+        assert main([*argv, "--out", str(tmp_path / "alone")]) == 0
+        captured = capsys.readouterr()
+        text = " ".join((captured.out + captured.err).split())  # the log handler wraps lines at the terminal width
+        assert "the machine's load is 1.9 on 2 cores before this run starts" in text and "--threads 1" in text
+        monkeypatch.setenv(CORES_CHECKED, "1")
+        assert main([*argv, "--out", str(tmp_path / "bench")]) == 0
+        captured = capsys.readouterr()
+        assert "the machine's load is" not in captured.out + captured.err
+    finally:
+        torch.set_num_threads(2)  # the suite's setting (tests/conftest.py)

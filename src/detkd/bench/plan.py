@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from detkd.bench.suites import Pair, PretrainRecipe, Suite
+from detkd.engine.cores import crowded
 from detkd.errors import ConfigError
 
 
@@ -157,16 +158,10 @@ class Plan:
         cores are several times slower (two benches with ``--jobs 1`` and the default threads on 2 cores: 8 s a
         step instead of 1.1 s). ``load`` is the 1-minute load average, ``cores`` the core count (default: this
         machine's)."""
-        cores = cores or os.cpu_count() or 1
-        if load is None:
-            try:
-                load = os.getloadavg()[0]
-            except (AttributeError, OSError):  # no load average on this platform
-                return None
-        wanted = self.jobs * self.threads
-        if load + wanted <= cores + 0.5:
+        found = crowded(self.jobs * self.threads, load, cores)
+        if found is None:
             return None
-        free = max(1, int(cores - load + 0.5))
+        load, cores, free = found
         fit = f"--threads {free // self.jobs}" if free >= self.jobs else f"--jobs {free} --threads 1"
         return (
             f"the machine's load is {load:.1f} on {cores} cores before this bench starts, and it runs {self.jobs} "

@@ -31,6 +31,7 @@ from typing import Any
 from detkd.bench.plan import Plan, RunSpec, _hash, _stamp, run_seconds
 from detkd.bench.progress import Display, RunState, read_log_tail
 from detkd.bench.report import aggregate
+from detkd.engine.cores import CORES_CHECKED
 
 log = logging.getLogger("detkd")
 
@@ -132,6 +133,7 @@ class Bench(Plan):
             args.append("--overwrite")  # killed after an evaluation but before its first checkpoint: start over
         out.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        env[CORES_CHECKED] = "1"  # checked for every run before the bench started
         start = time.perf_counter()
         with open(out / "run.log", "a") as logf:
             logf.write(f"$ detkd {' '.join(args)}\n")

@@ -30,6 +30,7 @@ from detkd.calibration import LossCalibration
 from detkd.config import Config, OptimConfig, save_config, to_dict
 from detkd.distillation import DistillModel, build_distillers
 from detkd.engine.checkpoint import load_detector, load_state_checked, read_checkpoint
+from detkd.engine.cores import CORES_CHECKED, thread_warning
 from detkd.engine.evaluate import json_safe
 from detkd.engine.hooks import (
     Checkpointer,
@@ -316,6 +317,10 @@ def build_run(cfg: Config, out: Path, process: Process, resume: bool = False) ->
         small = input_size_warning(train_set, cfg.model.min_size)
         if small:
             log.warning(small)
+        if process.device.type == "cpu" and not os.environ.get(CORES_CHECKED):
+            busy = thread_warning(process.world * torch.get_num_threads())
+            if busy:
+                log.warning(busy)
     student = build_detector(
         cfg.model.name,
         len(classes),
