@@ -175,10 +175,12 @@ def test_train_on_busy_cores_warns_unless_the_bench_checked_them(digits, tmp_pat
     """`detkd train --threads 2` on a 2-core machine already at load 1.9 warns; a run the bench started does not."""
     import os
 
+    from detkd.engine import cores
     from detkd.engine.cores import CORES_CHECKED
 
     monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.9, 1.9))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cores, "busy_cores", lambda n: 1.9)  # and the cores are busy now, too
     monkeypatch.delenv(CORES_CHECKED, raising=False)
     fast = ["--no-progress", "--device", "cpu", "--threads", "2", "model.backbone_weights=none", "data.batch_size=2"]
     fast += ["model.fpn_channels=16", "data.val_max_images=1", "train.tensorboard=false"]
@@ -194,3 +196,36 @@ def test_train_on_busy_cores_warns_unless_the_bench_checked_them(digits, tmp_pat
         assert "the machine's load is" not in captured.out + captured.err
     finally:
         torch.set_num_threads(2)  # the suite's setting (tests/conftest.py)
+
+
+def test_a_load_average_that_counts_ended_work_is_checked_against_the_cores_now(monkeypatch):
+    """Right after `pip install` the 1-minute average still says 2.0; the cores' busy time now decides."""
+    import os
+
+    from detkd.engine import cores
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cores, "busy_cores", lambda n: 0.1)
+    assert cores.thread_warning(2) is None
+    monkeypatch.setattr(cores, "busy_cores", lambda n: 1.8)
+    assert "load is 1.8 on 2 cores" in cores.thread_warning(2)
+    monkeypatch.setattr(cores, "busy_cores", lambda n: None)  # no /proc/stat: the average stands
+    assert "load is 2.0 on 2 cores" in cores.thread_warning(2)
+    looked = []
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    monkeypatch.setattr(cores, "busy_cores", lambda n: looked.append(n))
+    assert cores.thread_warning(2) is None and not looked  # an idle average needs no second look
+
+
+def test_busy_cores_is_the_busy_share_of_the_ticks_between_two_readings(monkeypatch):
+    from detkd.engine import cores
+
+    real = cores.cpu_times()
+    if real is not None:  # Linux: a real reading over a short window is a core count
+        assert 0.0 <= cores.busy_cores(2, window=0.05) <= 2.0 + 1e-6
+    readings = iter([(100.0, 400.0), (150.0, 500.0)])
+    monkeypatch.setattr(cores, "cpu_times", lambda: next(readings))
+    assert cores.busy_cores(2, window=0) == pytest.approx(1.0)  # 50 of 100 ticks busy on 2 cores
+    monkeypatch.setattr(cores, "cpu_times", lambda: None)
+    assert cores.busy_cores(2, window=0) is None
