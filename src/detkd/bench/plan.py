@@ -155,9 +155,8 @@ class Plan:
         """A warning when this bench's runs would share the CPU cores with work that is already running, or None.
 
         Every run gets ``threads`` threads whatever else the machine does, and runs whose threads outnumber the
-        cores are several times slower (two benches with ``--jobs 1`` and the default threads on 2 cores: 8 s a
-        step instead of 1.1 s). ``load`` is the 1-minute load average, ``cores`` the core count (default: this
-        machine's)."""
+        cores are several times slower. ``load`` and ``cores`` are read from the machine when None (see
+        :func:`detkd.engine.cores.crowded`)."""
         found = crowded(self.jobs * self.threads, load, cores)
         if found is None:
             return None
